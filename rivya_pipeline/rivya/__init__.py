@@ -1,0 +1,46 @@
+"""Rivya Public API v1 client: typed models, typed errors, one retry policy. No Dagster import."""
+
+from .client import DEFAULT_BASE_URL, RivyaClient
+from .errors import (
+    ApiError,
+    AuthenticationError,
+    IdempotencyConflict,
+    InsufficientCredits,
+    NotFound,
+    RateLimited,
+    RequestValidationError,
+    RivyaError,
+    ServerError,
+    TransportError,
+    ValidationFailed,
+)
+from .generation import DEFAULT_MODEL, KLING_3_0, GenerationRequest, ReferenceImage, normalize_params
+from .models import FileObject, GenerationTask, ModelInfo, TaskError, TaskResult
+from .retry import RetryPolicy
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DEFAULT_MODEL",
+    "KLING_3_0",
+    "ApiError",
+    "AuthenticationError",
+    "FileObject",
+    "GenerationRequest",
+    "GenerationTask",
+    "IdempotencyConflict",
+    "InsufficientCredits",
+    "ModelInfo",
+    "NotFound",
+    "RateLimited",
+    "ReferenceImage",
+    "RequestValidationError",
+    "RetryPolicy",
+    "RivyaClient",
+    "RivyaError",
+    "ServerError",
+    "TaskError",
+    "TaskResult",
+    "TransportError",
+    "ValidationFailed",
+    "normalize_params",
+]

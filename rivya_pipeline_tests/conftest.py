@@ -1,0 +1,6 @@
+"""Shared fixtures: each real boundary (Rivya emulator over HTTP, S3 server over HTTP) lives in its own module."""
+
+pytest_plugins = [
+    "rivya_pipeline_tests.fixtures_emulator",
+    "rivya_pipeline_tests.fixtures_s3",
+]
