@@ -1,0 +1,18 @@
+"""A faithful, strict local fake of Rivya Public API v1 (see /work/shared/rivya-api.md) for tests and demos.
+
+Independent of the project's client on purpose: it checks the contract rather than agreeing with the client.
+Deterministic failure: a prompt containing "[emulator:fail]" always ends in status `failed` (refunded).
+"""
+
+from .config import ALL_SCOPES, DEFAULT_TEST_KEY, FAIL_MARKER, ApiKeyConfig, EmulatorConfig, FaultRule
+from .server import RivyaEmulator
+
+__all__ = [
+    "ALL_SCOPES",
+    "DEFAULT_TEST_KEY",
+    "FAIL_MARKER",
+    "ApiKeyConfig",
+    "EmulatorConfig",
+    "FaultRule",
+    "RivyaEmulator",
+]

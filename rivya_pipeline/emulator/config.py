@@ -1,0 +1,96 @@
+"""Every knob of the emulator, as pydantic models so a YAML/JSON file or an HTTP body can set them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ALL_SCOPES: tuple[str, ...] = (
+    "models:read",
+    "generations:create",
+    "generations:read",
+    "files:create",
+    "files:read",
+    "credits:read",
+    "webhooks:manage",
+    "chat:create",
+    "chat:read",
+)
+DEFAULT_TEST_KEY = "rvya_sk_test_0123456789"
+DEFAULT_ACCOUNT = "acct_test"
+# A prompt containing this marker always fails, so tests can force the failure path without randomness.
+FAIL_MARKER = "[emulator:fail]"
+
+FaultEndpoint = Literal[
+    "*", "models", "upload_file", "get_file", "create_generation", "get_generation", "credits", "media"
+]
+FaultKind = Literal[
+    "rate_limited", "server_error", "internal_error", "public_api_disabled", "drop_connection", "slow",
+    "lost_response",
+]
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a misspelt knob in a config file must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ApiKeyConfig(_Strict):
+    """One API key; keys belong to accounts, and an account owns its wallet, files and tasks."""
+
+    key: str
+    account: str = DEFAULT_ACCOUNT
+    scopes: list[str] = Field(default_factory=lambda: list(ALL_SCOPES))
+    status: Literal["active", "revoked", "expired"] = "active"
+
+
+class FaultRule(_Strict):
+    """One injected failure. Fires by `times` (the next N matching requests), by `rate` (seeded
+    probability), or on every matching request when neither is given."""
+
+    endpoint: FaultEndpoint = "*"
+    kind: FaultKind
+    rate: float | None = Field(default=None, ge=0.0, le=1.0)
+    times: int | None = Field(default=None, ge=1)
+    retry_after: int = Field(default=1, ge=0, description="Retry-After seconds for rate_limited")
+    delay: float = Field(default=1.0, ge=0.0, description="seconds to wait for slow")
+    status: int = Field(default=502, ge=500, le=599, description="HTTP status for server_error")
+    body: Literal["html", "envelope", "empty"] = Field(
+        default="html", description="server_error body: a proxy's HTML page, a Rivya envelope, or nothing"
+    )
+    lost_as: Literal["internal_error", "drop_connection"] = Field(
+        default="internal_error", description="how lost_response loses the answer of a performed create"
+    )
+
+    @model_validator(mode="after")
+    def _lost_response_only_for_create(self) -> FaultRule:
+        if self.kind == "lost_response" and self.endpoint != "create_generation":
+            raise ValueError("lost_response applies only to endpoint 'create_generation'")
+        if self.rate is not None and self.times is not None:
+            raise ValueError("give either rate or times, not both")
+        return self
+
+
+class EmulatorConfig(_Strict):
+    """Behaviour of one emulator instance. Times are in emulated seconds; `time_scale` speeds the clock."""
+
+    api_keys: list[ApiKeyConfig] = Field(default_factory=lambda: [ApiKeyConfig(key=DEFAULT_TEST_KEY)])
+    initial_credits: int = Field(default=10_000, ge=0, description="wallet of every account at reset")
+    credits_by_account: dict[str, int] = Field(default_factory=dict, description="per-account overrides")
+    queued_seconds: float = Field(default=0.5, ge=0.0)
+    processing_seconds: float = Field(default=2.0, ge=0.0)
+    time_scale: float = Field(default=1.0, gt=0.0, description="emulated seconds per real second")
+    failure_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    seed: int = 0
+    idempotency_ttl_seconds: float = Field(default=24 * 3600, gt=0.0)
+    latency_seconds: float = Field(default=0.0, ge=0.0, description="added to every API request")
+    result_min_bytes: int = Field(default=0, ge=0, description="pad result videos up to this size")
+    media_redirect_to: str | None = None
+    reject_authorized_media: bool = True
+    video_fps: int = Field(default=8, ge=1, le=60)
+    faults: list[FaultRule] = Field(default_factory=list)
+
+    def starting_credits(self, account: str) -> int:
+        return self.credits_by_account.get(account, self.initial_credits)

@@ -1,0 +1,109 @@
+"""Fault injection: which rule fires for a request (race-free, seeded) and what the client then sees."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from collections import Counter
+
+from starlette.responses import HTMLResponse, Response
+from starlette.types import Receive, Scope, Send
+
+from .config import FaultRule
+from .errors import error_response
+
+_PROXY_502_PAGE = (
+    "<html>\r\n<head><title>{status} Bad Gateway</title></head>\r\n<body>\r\n"
+    "<center><h1>{status} Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+)
+
+
+class FaultInjector:
+    """Holds the rules, the remaining count of each `times` rule and a seeded RNG, all behind one lock
+    so that concurrent requests consume a scripted fault exactly once."""
+
+    def __init__(self, rules: list[FaultRule], seed: int) -> None:
+        self._lock = threading.Lock()
+        self._rng = random.Random(seed)
+        self._rules: list[FaultRule] = []
+        self._remaining: list[int | None] = []
+        self.injected: Counter[str] = Counter()
+        self.replace(rules)
+
+    def replace(self, rules: list[FaultRule]) -> None:
+        with self._lock:
+            self._rules = list(rules)
+            self._remaining = [rule.times for rule in rules]
+
+    def take(self, endpoint: str, *, lost_response: bool = False) -> FaultRule | None:
+        """The first matching rule that fires now. `lost_response` rules are asked for separately, after a
+        create has been performed; every other kind is decided before the request is handled."""
+        with self._lock:
+            for index, rule in enumerate(self._rules):
+                if rule.endpoint not in ("*", endpoint) or (rule.kind == "lost_response") != lost_response:
+                    continue
+                if not self._fires(index, rule):
+                    continue
+                self.injected[f"{endpoint}:{rule.kind}"] += 1
+                return rule
+        return None
+
+    def _fires(self, index: int, rule: FaultRule) -> bool:
+        remaining = self._remaining[index]
+        if remaining is not None:
+            if remaining == 0:
+                return False
+            self._remaining[index] = remaining - 1
+            return True
+        return rule.rate is None or self._rng.random() < rule.rate
+
+
+class DroppedConnectionResponse(Response):
+    """Promises a body it never finishes: the server then closes the socket, so an HTTP client sees a
+    transport error (peer closed connection mid-body) rather than any status it could act on."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=200)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"4096")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b'{"id":"', "more_body": True})
+
+
+def fault_response(rule: FaultRule) -> Response:
+    """What the client receives for a fault that replaces the answer (every kind but `slow`)."""
+    kind = rule.lost_as if rule.kind == "lost_response" else rule.kind
+    if kind == "rate_limited":
+        return error_response("rate_limited", "Too many requests.", headers={"Retry-After": str(rule.retry_after)})
+    if kind == "internal_error":
+        return error_response("internal_error", "Something went wrong on our side.")
+    if kind == "public_api_disabled":
+        return error_response("public_api_disabled", "The public API is temporarily disabled.")
+    if kind == "server_error":
+        return _server_error(rule)
+    if kind == "drop_connection":
+        return DroppedConnectionResponse()
+    raise ValueError(f"fault kind {kind!r} does not replace the response")
+
+
+def _server_error(rule: FaultRule) -> Response:
+    if rule.body == "html":
+        return HTMLResponse(_PROXY_502_PAGE.format(status=rule.status), status_code=rule.status)
+    if rule.body == "envelope":
+        return error_response(
+            "upstream_unavailable", "The upstream service did not answer.", status=rule.status
+        )
+    return Response(b"", status_code=rule.status)
+
+
+async def injected_response(injector: FaultInjector, endpoint: str) -> Response | None:
+    """The response a fault puts in place of the real one, or None to carry on (after any `slow` delay)."""
+    rule = injector.take(endpoint)
+    if rule is None:
+        return None
+    if rule.kind == "slow":
+        await asyncio.sleep(rule.delay)
+        return None
+    return fault_response(rule)
