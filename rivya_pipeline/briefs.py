@@ -134,6 +134,13 @@ def load_briefs(folder: Path, *, model_specs: Mapping[str, ModelInfo] | None = N
     return briefs
 
 
+def scan_briefs(
+    folder: Path, *, model_specs: Mapping[str, ModelInfo] | None = None
+) -> tuple[list[Brief], list[BriefError]]:
+    """The valid briefs and the problems of the others: the scheduled discovery goes on with the good ones."""
+    return _read_folder(Path(folder), model_specs)
+
+
 def load_brief_by_id(folder: Path, brief_id: str, *, model_specs: Mapping[str, ModelInfo] | None = None) -> Brief:
     """The brief with `brief_id`, even when *other* briefs in the folder are broken.
 
@@ -239,13 +246,15 @@ class _BriefReader:
             self.refuse("brief", f"must be a mapping with keys {', '.join(ALLOWED_KEYS)}, got {_kind(self.entry)}")
         else:
             self.brief_id = self.read_id()
+            if self.brief_id is not None:
+                self.claim_id()
             brief = self.read_fields()
             if brief is not None and not self.errors:
                 self.folder.briefs.append(brief)
         self.folder.errors.extend(self.errors)
 
     def read_id(self) -> str | None:
-        """A valid id labels every later message and claims the id across the folder."""
+        """A valid id labels every later message about this brief."""
         if self.entry.get("id") is None:
             self.refuse("id", "is required")
             return None
@@ -263,18 +272,17 @@ class _BriefReader:
                 "starting with a letter or digit",
             )
             return None
-        first = self.folder.first_use.setdefault(brief_id, (self.path, self.index))
+        return brief_id
+
+    def claim_id(self) -> None:
+        """Ids name partitions and stored videos, so one id may appear once in the whole folder."""
+        first = self.folder.first_use.setdefault(self.brief_id, (self.path, self.index))
         if first != (self.path, self.index):
             first_path, first_index = first
-            self.errors.append(
-                BriefError(
-                    self.path,
-                    "id",
-                    f"duplicate: already used by brief #{first_index + 1} in {first_path}",
-                    brief_id=brief_id,
-                )
+            self.refuse(
+                "id",
+                f"duplicate: brief #{self.index + 1} here reuses the id of brief #{first_index + 1} in {first_path}",
             )
-        return brief_id
 
     def read_fields(self) -> Brief | None:
         for key in self.entry:
