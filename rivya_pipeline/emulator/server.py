@@ -19,9 +19,10 @@ _STARTUP_TIMEOUT_SECONDS = 10.0
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    """Bind before serving so that port 0 resolves to a known free port before any URL is handed out."""
+    """Bind before serving so that port 0 resolves to a known free port before any URL is handed out.
+    The explicit IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on such sockets (else ~40 ms per request)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     return sock
@@ -54,7 +55,7 @@ class RivyaEmulator:
             (self._server(build_api_app(self.state)), api_socket),
             (self._server(build_media_app(self.state)), media_socket),
         ]
-        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), name="rivya-emulator", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="rivya-emulator", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + _STARTUP_TIMEOUT_SECONDS
         while not all(server.started for server, _ in self._servers):
@@ -110,6 +111,11 @@ class RivyaEmulator:
             app, log_config=None, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2
         )
         return uvicorn.Server(config)
+
+    def _run(self) -> None:
+        """Both servers on one event loop (uvloop when installed, as uvicorn itself would pick)."""
+        with asyncio.Runner(loop_factory=self._servers[0][0].config.get_loop_factory()) as runner:
+            runner.run(self._serve())
 
     async def _serve(self) -> None:
         await asyncio.gather(*(server.serve(sockets=[sock]) for server, sock in self._servers))
