@@ -1,0 +1,200 @@
+"""`rivya-pipeline`: run, demo, dev, emulator and report.
+
+Exit codes of `run`: 0 every brief stored, 1 any failed or timed out, 2 invalid input (nothing spent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from .briefs import Brief, BriefErrors, load_briefs
+from .settings import REPO_ROOT, Settings, SettingsError
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+DEMO_DIR = REPO_ROOT / ".demo"
+
+
+def _dagster_home() -> Path:
+    """DAGSTER_HOME, or `.dagster_home` in the current folder (what `make dev` uses too)."""
+    home = Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster_home").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():  # Dagster's defaults (SQLite in this folder), without the telemetry banner
+        config.write_text("telemetry:\n  enabled: false\n")
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def _print_table(rows: list[dict[str, object]], columns: Sequence[str]) -> None:
+    widths = {c: max(len(c), *(len(str(r.get(c) or "")) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(str(row.get(c) or "").ljust(widths[c]) for c in columns))
+
+
+def _load(requests: Path) -> list[Brief] | None:
+    try:
+        return load_briefs(requests)
+    except BriefErrors as exc:
+        print(f"Invalid briefs ({len(exc.errors)}); nothing was submitted:", file=sys.stderr)
+        for error in exc.errors:
+            print(f"  {error}", file=sys.stderr)
+        return None
+
+
+def _dry_run(briefs: list[Brief], as_json: bool) -> int:
+    rows = [
+        {
+            "brief": b.id,
+            "model": b.model,
+            "references": len(b.references),
+            "params": ",".join(f"{k}={v}" for k, v in b.request.params.items()),
+            "credits": b.request.price_credits,
+        }
+        for b in briefs
+    ]
+    total = sum(b.request.price_credits for b in briefs)
+    if as_json:
+        print(json.dumps({"dry_run": True, "briefs": rows, "total_credits": total}, indent=2))
+    else:
+        _print_table(rows, ["brief", "model", "references", "credits", "params"])
+        print(f"\nDry run: {len(briefs)} task(s) would cost {total} credits. Nothing was uploaded or submitted.")
+    return EXIT_OK
+
+
+def _execute(briefs: list[Brief], timeout: float, as_json: bool) -> int:
+    from dagster import DagsterInstance
+
+    from .headless import HeadlessRun
+
+    _dagster_home()
+    outcomes = HeadlessRun(settings=Settings.from_env(), instance=DagsterInstance.get()).run(briefs, timeout)
+    if as_json:
+        print(json.dumps({o.brief_id: asdict(o) for o in outcomes}, indent=2))
+    else:
+        _print_table(
+            [asdict(o) for o in outcomes],
+            ["brief_id", "status", "task_id", "final_credits", "refunded_credits", "s3_uri", "error"],
+        )
+    return EXIT_OK if all(o.succeeded for o in outcomes) else EXIT_FAILED
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    briefs = _load(args.requests)
+    if briefs is None:
+        return EXIT_INVALID
+    if args.dry_run:
+        return _dry_run(briefs, args.json)
+    if os.environ.get("RIVYA_API_KEY"):
+        return _execute(briefs, args.timeout, args.json)
+    if os.environ.get("RIVYA_BASE_URL"):
+        print("RIVYA_BASE_URL is set but RIVYA_API_KEY is not: refusing to guess a key.", file=sys.stderr)
+        return EXIT_INVALID
+    from .embedded import EmbeddedStack
+
+    print("RIVYA_API_KEY is not set: using the embedded local emulator and S3 server (nothing is billed).",
+          file=sys.stderr)
+    with EmbeddedStack(data_dir=DEMO_DIR):
+        return _execute(briefs, args.timeout, args.json)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .embedded import EmbeddedStack
+
+    for name in ("RIVYA_API_KEY", "RIVYA_BASE_URL", "AWS_ENDPOINT_URL_S3", "RIVYA_S3_BUCKET", "RIVYA_LEDGER_URL"):
+        os.environ.pop(name, None)  # the demo never touches a real API or bucket
+    briefs = _load(REPO_ROOT / "requests")
+    if briefs is None:
+        return EXIT_INVALID
+    with EmbeddedStack(data_dir=DEMO_DIR):
+        code = _execute(briefs, args.timeout, as_json=False)
+    print(f"\nVideos are in the embedded S3 bucket, saved between sessions under {DEMO_DIR / 's3'}.")
+    print("Open the Dagster UI on the same stack (instance, emulator, S3):  make dev")
+    return code
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from .embedded import EmbeddedStack
+
+    home = _dagster_home()
+    with EmbeddedStack(data_dir=DEMO_DIR):
+        command = ["dagster", "dev", "-m", "rivya_pipeline.definitions", "-h", args.host, "-p", str(args.port)]
+        print(f"Dagster UI on http://{args.host}:{args.port} (DAGSTER_HOME={home}); Ctrl-C stops everything.")
+        process = subprocess.Popen(command, cwd=REPO_ROOT)
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            process.terminate()
+            return process.wait()
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .ledger import Ledger
+
+    settings = Settings.from_env()
+    ledger = Ledger(settings.ledger_url or Ledger.default_url(_dagster_home()))
+    rows = ledger.spend_report()
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        _print_table(rows, ["day", "brief_id", "tasks", "reserved", "final", "refunded"])
+    return EXIT_OK
+
+
+def cmd_emulator(args: argparse.Namespace) -> int:
+    from .emulator.cli import serve
+
+    return serve(args.emulator_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rivya-pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="register briefs, submit, poll, store; headless (no daemon needed)")
+    run.add_argument("--requests", type=Path, default=None, help="briefs folder (default: RIVYA_REQUESTS_PATH)")
+    run.add_argument("--json", action="store_true", help="print one JSON object keyed by brief id")
+    run.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for tasks (default 1800)")
+    run.add_argument("--dry-run", action="store_true", help="validate and price the briefs; spend nothing")
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="the sample briefs end to end on the embedded emulator + local S3")
+    demo.add_argument("--timeout", type=float, default=300.0)
+    demo.set_defaults(func=cmd_demo)
+
+    dev = sub.add_parser("dev", help="the Dagster UI + daemon on the embedded emulator + local S3")
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=3000)
+    dev.set_defaults(func=cmd_dev)
+
+    report = sub.add_parser("report", help="credits spent per day and brief, from the ledger")
+    report.add_argument("--json", action="store_true")
+    report.set_defaults(func=cmd_report)
+
+    emulator = sub.add_parser("emulator", help="run the local Rivya emulator (see --help of the subcommand)",
+                              add_help=False)
+    emulator.add_argument("emulator_args", nargs=argparse.REMAINDER)
+    emulator.set_defaults(func=cmd_emulator)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if getattr(args, "requests", "unset") is None:
+            args.requests = Settings.from_env().requests_path
+        return args.func(args)
+    except SettingsError as exc:
+        print(f"Invalid setting: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""The asset graph, one partition per brief: video_brief -> reference_uploads -> generation_task -> stored_video.
+
+Each asset is thin: the work lives in the client, the ledger, the poller and the delivery module.
+"""
+
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    DataVersion,
+    DynamicPartitionsDefinition,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+
+from ..briefs import Brief
+from ..delivery import deliver_video
+from ..ledger import BudgetExceeded
+from ..polling import FIRST_POLL_SECONDS, TaskDeadlineExceeded, wait_for_terminal
+from ..rivya import FileObject, NotFound, RivyaError
+from .resources import BriefsResource, CreditLimitsResource, RivyaResource, VideoStorageResource
+
+briefs_partitions = DynamicPartitionsDefinition(name="briefs")
+GROUP = "video_generation"
+BATCH_TAG = "rivya/batch"
+TASK_TAG = "rivya/task_id"
+DURATION_TOLERANCE_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class TaskHandle:
+    """What downstream needs to find a task again: its id, key and what was asked."""
+
+    brief_id: str
+    task_id: str
+    idempotency_key: str
+    model: str
+    prompt: str
+    params: dict[str, Any]
+    price_credits: int
+    submitted_at: datetime
+    deadline_at: datetime
+
+
+@asset(
+    partitions_def=briefs_partitions,
+    group_name=GROUP,
+    kinds={"yaml"},
+    description="One YAML brief, validated offline (prompt, params, reference images). Its data version is the "
+    "hash of what it asks for, so editing a brief marks everything downstream stale.",
+)
+def video_brief(context: AssetExecutionContext, briefs: BriefsResource) -> MaterializeResult:
+    brief = briefs.load(context.partition_key)
+    return MaterializeResult(
+        value=brief,
+        data_version=DataVersion(brief.content_hash),
+        metadata={
+            "prompt": brief.prompt,
+            "params": MetadataValue.json(brief.request.params),
+            "model": brief.model,
+            "references": len(brief.references),
+            "price_credits": brief.request.price_credits,
+            "source": MetadataValue.path(str(brief.source)),
+        },
+    )
+
+
+@asset(
+    partitions_def=briefs_partitions,
+    group_name=GROUP,
+    kinds={"rivya"},
+    description="The brief's reference images, uploaded through Rivya's Files API (free; no credits).",
+)
+def reference_uploads(
+    context: AssetExecutionContext, video_brief: Brief, rivya: RivyaResource
+) -> MaterializeResult:
+    client = rivya.client()
+    uploads = [
+        client.upload_file(
+            ref.path,
+            kind="image",
+            mime_type=ref.mime_type,
+            model=video_brief.model,
+            client_request_id=f"{video_brief.id}-ref{i}-{ref.sha256[:12]}",
+        )
+        for i, ref in enumerate(video_brief.request.references)
+    ]
+    return MaterializeResult(
+        value=uploads,
+        metadata={
+            "files": MetadataValue.md(
+                "\n".join(
+                    f"- `{f.id}` {ref.name} ({ref.mime_type}, {ref.size_bytes:,} bytes, sha256 `{ref.sha256[:16]}…`)"
+                    f" [{f.url}]({f.url})"
+                    for f, ref in zip(uploads, video_brief.request.references, strict=True)
+                )
+                or "No reference images (text-to-video)."
+            ),
+            "file_ids": MetadataValue.json([f.id for f in uploads]),
+            "count": len(uploads),
+        },
+    )
+
+
+@asset(
+    partitions_def=briefs_partitions,
+    group_name=GROUP,
+    kinds={"rivya"},
+    pool="rivya_api",
+    description="The paid generation task (90 credits for kling-3-0). Submitted once per brief version with a "
+    "deterministic Idempotency-Key, after the credit limits are checked; re-runs re-attach instead of paying again. "
+    "Finishes at once: the `pending_generation_tasks` sensor polls it.",
+)
+def generation_task(
+    context: AssetExecutionContext,
+    video_brief: Brief,
+    reference_uploads: list[FileObject],
+    rivya: RivyaResource,
+    credit_limits: CreditLimitsResource,
+) -> MaterializeResult:
+    request = video_brief.request
+    key = request.idempotency_key()
+    ledger = credit_limits.ledger(context.instance)
+    client = rivya.client()
+    try:
+        decision = ledger.begin_submit(
+            idempotency_key=key,
+            brief_id=video_brief.id,
+            run_id=context.run.tags.get(BATCH_TAG, context.run_id),
+            model=request.model,
+            price_credits=request.price_credits,
+            body=request.api_body(reference_uploads, client_request_id=context.run_id),
+            limits=credit_limits.limits(),
+            wallet_credits=client.get_credits,
+        )
+    except BudgetExceeded as exc:
+        raise Failure(f"Not submitted: {exc}", allow_retries=False) from None
+    task = submit_or_reattach(client, ledger, decision, credit_limits.task_deadline_minutes)
+    if task.status == "failed":
+        raise Failure(
+            f"Task {task.id} for brief {video_brief.id!r} had failed ({task.error.code if task.error else '?'}); "
+            "it is not resubmitted silently. Bump `regenerate` in the brief to pay for a new one.",
+            allow_retries=False,
+        )
+    record = ledger.get(key)
+    handle = TaskHandle(
+        brief_id=video_brief.id,
+        task_id=task.id,
+        idempotency_key=key,
+        model=request.model,
+        prompt=request.prompt,
+        params=request.params,
+        price_credits=request.price_credits,
+        submitted_at=record.submitted_at,
+        deadline_at=record.deadline_at,
+    )
+    return MaterializeResult(
+        value=handle,
+        metadata={
+            "task_id": task.id,
+            "status": task.status,
+            "action": decision.action,
+            "reserved_credits": task.reserved_credits,
+            "final_credits": task.final_credits,
+            "prompt": request.prompt,
+            "params": MetadataValue.json(request.params),
+            "idempotency_key": key,
+            "client_request_id": decision.body.get("client_request_id", ""),
+        },
+    )
+
+
+def submit_or_reattach(client, ledger, decision, deadline_minutes: int):
+    """Create the task (or re-send the stored request) and record it; a known task is only looked up."""
+    if decision.action == "reattach":
+        try:
+            return client.get_generation(decision.task_id)
+        except NotFound:
+            raise Failure(
+                f"The ledger holds task {decision.task_id} for this request but the API does not know it "
+                "(another account or base URL?). Not resubmitting: bump `regenerate` to pay for a new task.",
+                allow_retries=False,
+            ) from None
+    try:
+        task = client.create_generation(decision.body, idempotency_key=decision.idempotency_key)
+    except RivyaError as exc:
+        if not exc.retryable:
+            ledger.release(decision.idempotency_key)
+            raise Failure(f"Rivya refused the task: {exc}", allow_retries=False) from None
+        raise Failure(
+            f"Outcome of the create is unknown ({exc}); a re-run re-sends the same request with the same "
+            "Idempotency-Key, so it cannot pay twice.",
+            allow_retries=True,
+        ) from None
+    now = datetime.now(UTC)
+    ledger.record_task(
+        decision.idempotency_key,
+        task_id=task.id,
+        status=task.status,
+        reserved_credits=task.reserved_credits,
+        final_credits=task.final_credits,
+        deadline_at=now + timedelta(minutes=deadline_minutes),
+        next_poll_at=now + timedelta(seconds=FIRST_POLL_SECONDS),
+    )
+    return task
+
+
+STORED_VIDEO_CHECKS = [
+    AssetCheckSpec("decodable_mp4", asset="stored_video", blocking=True, description="Every frame decodes."),
+    AssetCheckSpec("duration_matches", asset="stored_video", blocking=True, description="Within ±0.5 s of the brief."),
+    AssetCheckSpec("aspect_ratio_matches", asset="stored_video", blocking=True, description="Frame matches the brief."),
+    AssetCheckSpec("sha256_matches", asset="stored_video", blocking=True, description="S3 object = bytes received."),
+]
+
+
+@asset(
+    partitions_def=briefs_partitions,
+    group_name=GROUP,
+    kinds={"s3"},
+    check_specs=STORED_VIDEO_CHECKS,
+    description="The finished video in S3 ({prefix}/{brief}/{task}.mp4) with a JSON lineage sidecar, streamed from "
+    "Rivya's media host and verified: decodable, right duration and aspect ratio, SHA-256 of the stored object.",
+)
+def stored_video(
+    context: AssetExecutionContext,
+    generation_task: TaskHandle,
+    rivya: RivyaResource,
+    credit_limits: CreditLimitsResource,
+    video_storage: VideoStorageResource,
+) -> MaterializeResult:
+    handle = generation_task
+    task_id = context.run.tags.get(TASK_TAG, handle.task_id)
+    try:
+        task = wait_for_terminal(
+            rivya.client(), task_id, submitted_at=handle.submitted_at, deadline_at=handle.deadline_at
+        )
+    except TaskDeadlineExceeded as exc:
+        raise Failure(str(exc), allow_retries=False) from None
+    if task.status == "failed":
+        error = task.error.code if task.error else "generation_failed"
+        raise Failure(
+            f"Task {task.id} failed ({error}); {task.refunded_credits} credits refunded. Nothing stored.",
+            allow_retries=False,
+        )
+    with rivya.media_fetcher() as fetcher:
+        delivery = deliver_video(
+            task=task,
+            brief_id=handle.brief_id,
+            fetcher=fetcher,
+            store=video_storage.store(),
+            lineage={
+                "brief_id": handle.brief_id,
+                "model": handle.model,
+                "prompt": handle.prompt,
+                "params": handle.params,
+                "idempotency_key": handle.idempotency_key,
+                "dagster_run_id": context.run_id,
+            },
+        )
+    credit_limits.ledger(context.instance).mark_stored(
+        task.id, uri=delivery.video.uri, sha256=delivery.video.sha256
+    )
+    return MaterializeResult(
+        metadata=stored_video_metadata(delivery, task),
+        check_results=stored_video_checks(delivery, handle),
+    )
+
+
+def stored_video_metadata(delivery, task) -> dict[str, Any]:
+    probe = delivery.probe
+    return {
+        "s3_uri": delivery.video.uri,
+        "s3_link": MetadataValue.url(delivery.video.console_url),
+        "sidecar": delivery.sidecar.uri,
+        "task_id": task.id,
+        "final_credits": task.final_credits,
+        "bytes": delivery.video.size_bytes,
+        "sha256": delivery.video.sha256,
+        "duration_seconds": probe.duration_seconds if probe else None,
+        "resolution": probe.resolution if probe else None,
+        "codec": probe.codec if probe else None,
+        "transfer_mb_per_s": round(delivery.mb_per_second, 1),
+    }
+
+
+def stored_video_checks(delivery, handle: TaskHandle) -> list[AssetCheckResult]:
+    probe = delivery.probe
+    wanted_duration = float(handle.params.get("duration", 0))
+    wanted_aspect = str(handle.params.get("aspect_ratio", ""))
+    duration_ok = probe is not None and abs(probe.duration_seconds - wanted_duration) <= DURATION_TOLERANCE_SECONDS
+    aspect_ok = probe is not None and bool(wanted_aspect) and probe.matches_aspect(wanted_aspect)
+    return [
+        AssetCheckResult(
+            check_name="decodable_mp4",
+            passed=probe is not None,
+            metadata={"frames": probe.frames if probe else 0, "error": delivery.probe_error or ""},
+        ),
+        AssetCheckResult(
+            check_name="duration_matches",
+            passed=duration_ok,
+            metadata={"wanted": wanted_duration, "actual": probe.duration_seconds if probe else -1.0},
+        ),
+        AssetCheckResult(
+            check_name="aspect_ratio_matches",
+            passed=aspect_ok,
+            metadata={"wanted": wanted_aspect, "actual": probe.resolution if probe else ""},
+        ),
+        AssetCheckResult(
+            check_name="sha256_matches",
+            passed=delivery.stored_sha256 == delivery.video.sha256,
+            severity=AssetCheckSeverity.ERROR,
+            metadata={"received": delivery.video.sha256, "stored": delivery.stored_sha256},
+        ),
+    ]

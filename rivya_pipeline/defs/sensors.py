@@ -1,0 +1,89 @@
+"""`pending_generation_tasks`: polls paid tasks until they end, then asks for their videos to be stored.
+
+The ledger's `next_poll_at` is the durable cursor: a tick polls what is due (bounded in count and
+time, far under the 60 s tick limit), and whatever it did not reach stays due for the next tick.
+Store runs are requested from the ledger's "succeeded, not stored" rows on every tick, keyed by task
+id, so a tick that dies before its result is saved loses nothing and launches nothing twice.
+"""
+
+
+from dagster import (
+    AssetObservation,
+    DefaultSensorStatus,
+    RunRequest,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    sensor,
+)
+
+from ..ledger import TaskRecord
+from ..polling import PollReport
+from .assets import TASK_TAG, stored_video
+from .resources import CreditLimitsResource, RivyaResource
+
+TICK_TIME_BUDGET_SECONDS = 20.0
+MAX_POLLS_PER_TICK = 1000
+MAX_STORE_REQUESTS_PER_TICK = 200
+
+
+def store_run_request(record: TaskRecord) -> RunRequest:
+    return RunRequest(
+        run_key=f"{record.task_id}:store",
+        partition_key=record.brief_id,
+        asset_selection=[stored_video.key],
+        tags={TASK_TAG: record.task_id},
+    )
+
+
+def task_observations(report: PollReport) -> list[AssetObservation]:
+    """Status changes, timeouts and lost tasks, recorded on the generation_task partition."""
+    events = []
+    for record, task in report.changed:
+        metadata = {
+            "task_id": task.id,
+            "status": task.status,
+            "reserved_credits": task.reserved_credits,
+            "final_credits": task.final_credits,
+            "refunded_credits": task.refunded_credits,
+        }
+        if task.error:
+            metadata |= {"error_code": task.error.code, "error_message": task.error.message}
+        events.append(AssetObservation("generation_task", partition=record.brief_id, metadata=metadata))
+    for record, status in [(r, "timed_out") for r in report.timed_out] + [(r, "not_found") for r in report.lost]:
+        events.append(
+            AssetObservation(
+                "generation_task",
+                partition=record.brief_id,
+                metadata={"task_id": record.task_id, "status": status, "reserved_credits": record.reserved_credits},
+            )
+        )
+    return events
+
+
+@sensor(
+    name="pending_generation_tasks",
+    minimum_interval_seconds=5,
+    asset_selection=[stored_video],
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Polls Rivya for tasks that have no stored video yet (documented cadence, bounded per tick), "
+    "records status changes, reports failures with their refund and tasks past their deadline, and requests a "
+    "`stored_video` run for each succeeded task.",
+)
+def pending_generation_tasks(
+    context: SensorEvaluationContext, rivya: RivyaResource, credit_limits: CreditLimitsResource
+) -> SensorResult | SkipReason:
+    ledger = credit_limits.ledger(context.instance)
+    report = rivya.poller(ledger).poll_due(max_tasks=MAX_POLLS_PER_TICK, time_budget_seconds=TICK_TIME_BUDGET_SECONDS)
+    for record, task in report.failed:
+        context.log.warning(
+            f"task {task.id} (brief {record.brief_id}) failed: {task.error.code if task.error else '?'}; "
+            f"{task.refunded_credits} credits refunded"
+        )
+    for record in report.timed_out:
+        context.log.warning(f"task {record.task_id} (brief {record.brief_id}) passed its deadline; no longer polled")
+    run_requests = [store_run_request(r) for r in ledger.succeeded_unstored(limit=MAX_STORE_REQUESTS_PER_TICK)]
+    events = task_observations(report)
+    if not run_requests and not events:
+        return SkipReason(f"polled {report.polled} task(s), no status changes")
+    return SensorResult(run_requests=run_requests, asset_events=events)

@@ -1,0 +1,106 @@
+"""From a succeeded task to a verified video in S3 (no Dagster import).
+
+The result is streamed from the media host straight into a multipart upload while a copy goes to a
+temporary file on disk for probing, so memory never depends on the video's size. The stored
+object's SHA-256 is read back from S3 and compared with the hash taken on the way in.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from .probe import ProbeError, VideoProbe, probe_video
+from .rivya import GenerationTask
+from .rivya.media import MediaFetcher
+from .storage import StoredObject, VideoStore
+
+log = logging.getLogger(__name__)
+PROGRESS_EVERY_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Delivery:
+    video: StoredObject
+    sidecar: StoredObject
+    stored_sha256: str
+    probe: VideoProbe | None
+    probe_error: str | None
+    seconds: float
+
+    @property
+    def mb_per_second(self) -> float:
+        return self.video.size_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+class _TeeReader:
+    """Hands boto3 the media stream while writing the same bytes to a local copy for probing."""
+
+    def __init__(self, source: Any, copy: IO[bytes]) -> None:
+        self._source = source
+        self._copy = copy
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._source.read(size)
+        self._copy.write(data)
+        return data
+
+
+class _ProgressLog:
+    def __init__(self, total: int | None) -> None:
+        self._total = total
+        self._started = self._last = time.monotonic()
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self._last < PROGRESS_EVERY_SECONDS:
+            return
+        self._last = now
+        rate = done / 1e6 / max(now - self._started, 1e-9)
+        share = f"{100 * done / self._total:.0f}%" if self._total else f"{done / 1e6:.0f} MB"
+        log.info("transfer %s at %.1f MB/s", share, rate)
+
+
+def deliver_video(
+    *,
+    task: GenerationTask,
+    brief_id: str,
+    fetcher: MediaFetcher,
+    store: VideoStore,
+    lineage: dict[str, Any],
+) -> Delivery:
+    url = task.result.video_url if task.result else None
+    if not url:
+        raise ValueError(f"task {task.id} succeeded without a result URL")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="rivya-probe-") as tmp:
+        copy_path = Path(tmp) / "video.mp4"
+        with fetcher.open(url) as stream, copy_path.open("wb") as copy:
+            video = store.store_video(
+                brief_id, task.id, _TeeReader(stream, copy), progress=_ProgressLog(stream.content_length)
+            )
+        try:
+            probe, probe_error = probe_video(copy_path), None
+        except ProbeError as exc:
+            probe, probe_error = None, str(exc)
+    stored_sha256 = store.object_sha256(video.key)
+    sidecar = store.write_sidecar(
+        brief_id,
+        task.id,
+        {
+            **lineage,
+            "task_id": task.id,
+            "video_uri": video.uri,
+            "size_bytes": video.size_bytes,
+            "sha256": video.sha256,
+            "final_credits": task.final_credits,
+            "task_created_at": task.created_at,
+            "task_updated_at": task.updated_at,
+            "probe": probe.__dict__ if probe else None,
+        },
+    )
+    return Delivery(video, sidecar, stored_sha256, probe, probe_error, time.monotonic() - started)

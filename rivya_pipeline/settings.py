@@ -1,0 +1,107 @@
+"""Every non-secret setting, read from the environment in one place.
+
+The API key is deliberately NOT here: it only ever reaches the code through a Dagster `EnvVar`, so
+it is never part of run config, definitions metadata or this object's repr.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_BASE_URL = "https://rivya.ai"
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot work; names the variable and the rule."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None, minimum: int = 0) -> int | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}: must be a whole number (got {raw!r})") from None
+    if value < minimum:
+        raise SettingsError(f"{name}: must be >= {minimum} (got {value})")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}: must be a number (got {raw!r})") from None
+    if value <= 0:
+        raise SettingsError(f"{name}: must be > 0 (got {value})")
+    return value
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise SettingsError(f"{name}: must be 1/0, true/false, yes/no or on/off (got {raw!r})")
+
+
+@dataclass(frozen=True)
+class Settings:
+    requests_path: Path
+    base_url: str
+    s3_bucket: str
+    s3_prefix: str
+    s3_endpoint_url: str | None
+    s3_region: str | None
+    s3_checksum_when_required: bool
+    s3_chunk_mb: int
+    max_credits_per_run: int | None
+    max_credits_per_day: int | None
+    min_wallet_credits: int
+    ledger_url: str | None
+    allow_local_media: bool
+    max_media_mb: int
+    task_deadline_minutes: int
+    discovery_cron: str
+    poll_requests_per_second: float
+    poll_concurrency: int
+    request_timeout_seconds: float
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        requests_path = Path(env.get("RIVYA_REQUESTS_PATH") or REPO_ROOT / "requests")
+        return cls(
+            requests_path=requests_path.resolve(),
+            base_url=env.get("RIVYA_BASE_URL") or DEFAULT_BASE_URL,
+            s3_bucket=env.get("RIVYA_S3_BUCKET") or "rivya-videos",
+            s3_prefix=env.get("RIVYA_S3_PREFIX") or "videos",
+            s3_endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+            s3_region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+            s3_checksum_when_required=_flag(env, "RIVYA_S3_CHECKSUM_WHEN_REQUIRED"),
+            s3_chunk_mb=_int(env, "RIVYA_S3_CHUNK_MB", 8, minimum=5),
+            max_credits_per_run=_int(env, "RIVYA_MAX_CREDITS_PER_RUN", None),
+            max_credits_per_day=_int(env, "RIVYA_MAX_CREDITS_PER_DAY", None),
+            min_wallet_credits=_int(env, "RIVYA_MIN_WALLET_CREDITS", 0),
+            ledger_url=env.get("RIVYA_LEDGER_URL") or None,
+            allow_local_media=_flag(env, "RIVYA_ALLOW_LOCAL_MEDIA"),
+            max_media_mb=_int(env, "RIVYA_MAX_MEDIA_MB", 2048, minimum=1),
+            task_deadline_minutes=_int(env, "RIVYA_TASK_DEADLINE_MINUTES", 30, minimum=1),
+            discovery_cron=env.get("RIVYA_DISCOVERY_CRON") or "@hourly",
+            poll_requests_per_second=_float(env, "RIVYA_POLL_REQUESTS_PER_SECOND", 20.0),
+            poll_concurrency=_int(env, "RIVYA_POLL_CONCURRENCY", 16, minimum=1),
+            request_timeout_seconds=_float(env, "RIVYA_TIMEOUT_SECONDS", 30.0),
+        )
+
+    def describe(self) -> dict[str, str]:
+        """For logs and the CLI: every value as text (there is no secret in here to hide)."""
+        return {f.name: str(getattr(self, f.name)) for f in fields(self)}
