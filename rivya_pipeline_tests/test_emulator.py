@@ -172,6 +172,7 @@ def kling(**params: Any) -> dict[str, Any]:
         pytest.param({"model": "veo3-1-fast", "prompt": "a cat", "params": {"seed": "7"}}, id="number-as-string"),
         pytest.param(kling() | {"client_request_id": "x" * 129}, id="client-request-id-too-long"),
         pytest.param(kling(referenceMediaItems={"url": "x"}), id="references-not-a-list"),
+        pytest.param(kling() | {"params": []}, id="params-not-an-object"),
         pytest.param(["kling-3-0"], id="body-not-an-object"),
     ],
 )

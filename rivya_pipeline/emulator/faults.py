@@ -28,13 +28,18 @@ class FaultInjector:
         self._rng = random.Random(seed)
         self._rules: list[FaultRule] = []
         self._remaining: list[int | None] = []
-        self.injected: Counter[str] = Counter()
+        self._injected: Counter[str] = Counter()
         self.replace(rules)
 
     def replace(self, rules: list[FaultRule]) -> None:
         with self._lock:
             self._rules = list(rules)
             self._remaining = [rule.times for rule in rules]
+
+    def injected_counts(self) -> dict[str, int]:
+        """How often each "endpoint:kind" fault has fired, for stats."""
+        with self._lock:
+            return dict(self._injected)
 
     def take(self, endpoint: str, *, lost_response: bool = False) -> FaultRule | None:
         """The first matching rule that fires now. `lost_response` rules are asked for separately, after a
@@ -45,7 +50,7 @@ class FaultInjector:
                     continue
                 if not self._fires(index, rule):
                     continue
-                self.injected[f"{endpoint}:{rule.kind}"] += 1
+                self._injected[f"{endpoint}:{rule.kind}"] += 1
                 return rule
         return None
 

@@ -211,7 +211,7 @@ class EmulatorState:
                 "media_authorized_paths": list(stats.media_authorized_paths),
                 "polls": dict(stats.polls),
                 "tasks_by_status": dict(Counter(task.status(now) for task in self._tasks.values())),
-                "faults_injected": dict(self.faults.injected),
+                "faults_injected": self.faults.injected_counts(),
             }
 
     def _wallet(self, account: str) -> int:

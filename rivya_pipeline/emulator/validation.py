@@ -51,7 +51,8 @@ def validate_generation(body: Any, owned_file: Callable[[str], StoredFile | None
     if len(prompt) > model.max_prompt_length:
         _fail(f"prompt has {len(prompt)} characters; {model.id} accepts at most {model.max_prompt_length}.")
     validate_client_request_id(body.get("client_request_id"))
-    params = body.get("params") or {}
+    params = body.get("params")
+    params = {} if params is None else params
     if not isinstance(params, dict):
         _fail("params must be an object.")
     return GenerationRequest(model=model, prompt=prompt, params=_resolve_params(params, model, owned_file))
@@ -122,7 +123,9 @@ def _validate_references(
             _fail(f"Unknown reference media fields {unknown}; allowed (camelCase): {sorted(REFERENCE_ITEM_FIELDS)}.")
         if item.get("kind") not in model.reference_kinds:
             _fail(f"reference media kind must be one of {list(model.reference_kinds)} for {model.id}.")
-        stored = owned_file(item["url"]) if isinstance(item.get("url"), str) else None
+        if not isinstance(item.get("url"), str):
+            _fail("each reference media item needs a url.")
+        stored = owned_file(item["url"])
         if stored is None:
             _fail("reference media url must be the url of a file this account uploaded via /api/v1/files.")
         if stored.kind != item["kind"]:
