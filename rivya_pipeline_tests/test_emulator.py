@@ -345,7 +345,7 @@ def test_creates_without_key_are_allowed_and_counted(api: httpx.Client, emulator
 # --- wallet and lifecycle ------------------------------------------------------------------------------
 
 def test_success_keeps_the_reservation_as_final_credits(configure_emulator: Any, api: httpx.Client) -> None:
-    emulator = configure_emulator(queued_seconds=0.3, processing_seconds=0.5)
+    emulator = configure_emulator(queued_seconds=0.3, processing_seconds=0.8)
     task = create(api).json()
     assert task["id"].startswith("task_") and TIMESTAMP.match(task["created_at"])
     assert (task["status"], task["reserved_credits"], task["final_credits"]) == ("queued", KLING_PRICE, 0)
