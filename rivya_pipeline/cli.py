@@ -125,7 +125,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
     home = _dagster_home()
     with EmbeddedStack(data_dir=DEMO_DIR):
-        command = ["dagster", "dev", "-m", "rivya_pipeline.definitions", "-h", args.host, "-p", str(args.port)]
+        command = [sys.executable, "-m", "dagster", "dev", "-m", "rivya_pipeline.definitions"]
+        command += ["-h", args.host, "-p", str(args.port)]
         print(f"Dagster UI on http://{args.host}:{args.port} (DAGSTER_HOME={home}); Ctrl-C stops everything.")
         process = subprocess.Popen(command, cwd=REPO_ROOT)
         try:
