@@ -49,9 +49,6 @@ SUBMIT_LOCK_ID = 0x52697679614C6467
 # How long a process waits for another one's budget transaction (SQLite busy timeout, PostgreSQL
 # lock_timeout) before giving up with an error rather than hanging a run.
 LOCK_WAIT_SECONDS = 30
-# Rows per executemany when registering brief versions: a single multi-row INSERT of tens of thousands of
-# ids fails on SQLite with "too many SQL variables".
-BRIEF_BATCH_ROWS = 1000
 
 POLLABLE_STATUSES = ("queued", "processing")
 TERMINAL_STATUSES = ("succeeded", "failed")
@@ -508,17 +505,21 @@ class Ledger:
             return {brief_id: content_hash for brief_id, content_hash in rows}
 
     def record_brief_versions(self, versions: dict[str, str], now: datetime | None = None) -> None:
-        """Upsert the hashes in batches of BRIEF_BATCH_ROWS, all in one transaction."""
+        """Upsert brief_id -> content hash in one transaction, in batches.
+
+        One INSERT carrying tens of thousands of rows fails on SQLite with "too many SQL variables". The
+        RETURNING clause makes SQLAlchemy run this executemany as "insertmanyvalues": multi-row INSERTs of
+        at most 1000 rows, kept under the backend's parameter limit (999 on old SQLite builds). Without
+        RETURNING, SQLAlchemy sends an upsert row by row, one round trip each on PostgreSQL.
+        """
         if not versions:
             return
         now = now or utc_now()
-        dialect_insert = sqlite.insert if self._is_sqlite else postgresql.insert
-        stmt = dialect_insert(brief_versions)
-        stmt = stmt.on_conflict_do_update(
+        stmt = (sqlite.insert if self._is_sqlite else postgresql.insert)(brief_versions)
+        upsert = stmt.on_conflict_do_update(
             index_elements=[brief_versions.c.brief_id],
             set_={"content_hash": stmt.excluded.content_hash, "registered_at": stmt.excluded.registered_at},
-        )
+        ).returning(brief_versions.c.brief_id)
         rows = [{"brief_id": b, "content_hash": h, "registered_at": now} for b, h in versions.items()]
         with self._engine.begin() as conn:
-            for start in range(0, len(rows), BRIEF_BATCH_ROWS):
-                conn.execute(stmt, rows[start : start + BRIEF_BATCH_ROWS])
+            conn.execute(upsert, rows).close()
