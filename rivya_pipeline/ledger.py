@@ -135,7 +135,10 @@ class Ledger:
                 # dagster-postgres already brings.
                 parsed = parsed.set(drivername="postgresql+psycopg2")
             self._engine = create_engine(
-                parsed, pool_pre_ping=True, connect_args={"connect_timeout": LOCK_WAIT_SECONDS}
+                parsed,
+                isolation_level="READ COMMITTED",  # explicit, whatever the server's default: see _serialized
+                pool_pre_ping=True,
+                connect_args={"connect_timeout": LOCK_WAIT_SECONDS},
             )
         # Reads need no write lock: on SQLite they start a plain deferred transaction (WAL lets them run
         # beside a writer); on PostgreSQL the option is ignored.
@@ -182,7 +185,7 @@ class Ledger:
         """A write transaction that no other process's serialized transaction overlaps.
 
         SQLite: BEGIN IMMEDIATE already holds the database's single write lock. PostgreSQL: a
-        transaction-scoped advisory lock, released by COMMIT/ROLLBACK; READ COMMITTED (the default) gives
+        transaction-scoped advisory lock, released by COMMIT/ROLLBACK; READ COMMITTED (set on the engine) gives
         every statement after the lock a fresh snapshot, so it sees what the previous holder committed.
         """
         with self._engine.begin() as conn:
