@@ -73,6 +73,9 @@ class RivyaClient:
     ) -> None:
         if not api_key:
             raise ValueError("api_key: must be set (RIVYA_API_KEY)")
+        if not (api_key.isascii() and api_key.isprintable()) or any(ch.isspace() for ch in api_key):
+            # Such a key cannot go in a header: httpx would fail on every attempt and echo it, escaped, in the error.
+            raise ValueError("api_key: must be printable ASCII without spaces or line breaks (check RIVYA_API_KEY)")
         scheme = urlsplit(base_url).scheme
         if scheme not in ("http", "https"):
             raise ValueError(f"base_url: must be an http(s) URL (got scheme {scheme!r})")
