@@ -213,11 +213,16 @@ def submit_or_reattach(client, ledger, decision, deadline_minutes: int):
     return task
 
 
+# Partitioned like the asset: each brief's video has its own check results. Without partitions_def Dagster
+# records them as checks of the whole asset, and a later brief's pass hides an earlier brief's failure.
 STORED_VIDEO_CHECKS = [
-    AssetCheckSpec("decodable_mp4", asset="stored_video", blocking=True, description="Every frame decodes."),
-    AssetCheckSpec("duration_matches", asset="stored_video", blocking=True, description="Within ±0.5 s of the brief."),
-    AssetCheckSpec("aspect_ratio_matches", asset="stored_video", blocking=True, description="Frame matches the brief."),
-    AssetCheckSpec("sha256_matches", asset="stored_video", blocking=True, description="S3 object = bytes received."),
+    AssetCheckSpec(name, asset="stored_video", blocking=True, partitions_def=briefs_partitions, description=text)
+    for name, text in [
+        ("decodable_mp4", "Every frame decodes."),
+        ("duration_matches", "Within ±0.5 s of the brief."),
+        ("aspect_ratio_matches", "Frame matches the brief."),
+        ("sha256_matches", "S3 object = bytes received."),
+    ]
 ]
 
 
