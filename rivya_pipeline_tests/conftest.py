@@ -3,4 +3,5 @@
 pytest_plugins = [
     "rivya_pipeline_tests.fixtures_emulator",
     "rivya_pipeline_tests.fixtures_s3",
+    "rivya_pipeline_tests.fixtures_pipeline",
 ]

@@ -1,0 +1,187 @@
+"""The Dagster layer under test: the real definitions on a real (temporary) Dagster instance, wired to the
+emulator and the moto S3 server over HTTP. `pipeline` drives assets, sensor and schedule like the daemon would."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dagster import (
+    DagsterInstance,
+    ExecuteInProcessResult,
+    RunRequest,
+    build_schedule_context,
+    build_sensor_context,
+    materialize,
+)
+from dagster._core.definitions.schedule_definition import ScheduleExecutionData
+from dagster._core.definitions.sensor_definition import SensorExecutionData
+
+from rivya_pipeline.definitions import ASSETS, build_definitions, build_resources
+from rivya_pipeline.defs.assets import generation_task, reference_uploads, video_brief
+from rivya_pipeline.emulator import RivyaEmulator
+from rivya_pipeline.headless import QUIET_LOGS
+from rivya_pipeline.ledger import Ledger
+from rivya_pipeline.settings import REPO_ROOT, Settings
+from rivya_pipeline_tests.fixtures_emulator import TEST_API_KEY
+
+SUBMIT_SELECTION = [video_brief, reference_uploads, generation_task]
+SAMPLE_BRIEFS = ("city-morph", "product-spin", "sunrise-timelapse")
+# The issue's fast lifecycle: a task is terminal well before the sensor's first poll (2.5 s after submit).
+FAST_LIFECYCLE = {"queued_seconds": 0.1, "processing_seconds": 0.3}
+TICK_PAUSE_SECONDS = 0.5
+TICK_GIVE_UP_SECONDS = 30.0
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """One deployment of the pipeline: settings, its Dagster instance, and the emulator behind it."""
+
+    settings: Settings
+    instance: DagsterInstance
+    emulator: RivyaEmulator
+
+    def __post_init__(self) -> None:
+        self.definitions = build_definitions(self.settings)
+        self.repository = self.definitions.get_repository_def()
+        self.ledger = Ledger(self.settings.ledger_url)
+
+    @property
+    def requests_path(self) -> Path:
+        return self.settings.requests_path
+
+    def materialize(
+        self, selection: list, brief_id: str, tags: dict[str, str] | None = None, raise_on_error: bool = True
+    ) -> ExecuteInProcessResult:
+        return materialize(
+            ASSETS,
+            selection=selection,
+            partition_key=brief_id,
+            instance=self.instance,
+            resources=build_resources(self.settings),
+            tags=tags,
+            run_config=QUIET_LOGS,
+            raise_on_error=raise_on_error,
+        )
+
+    def submit(self, brief_id: str, tags: dict[str, str] | None = None, **kwargs: Any) -> ExecuteInProcessResult:
+        """brief -> uploads -> paid task, in one run, for a brief whose partition exists."""
+        self.add_partitions([brief_id])
+        return self.materialize(SUBMIT_SELECTION, brief_id, tags, **kwargs)
+
+    def store(self, request: RunRequest) -> ExecuteInProcessResult:
+        """Launch what the sensor asked for, as the daemon would: its partition, assets and tags."""
+        selection = [key.to_user_string() for key in request.asset_selection]
+        return self.materialize(selection, request.partition_key, dict(request.tags))
+
+    def add_partitions(self, brief_ids: list[str]) -> None:
+        known = set(self.instance.get_dynamic_partitions("briefs"))
+        self.instance.add_dynamic_partitions("briefs", [b for b in brief_ids if b not in known])
+
+    def tick(self) -> SensorExecutionData:
+        """One sensor evaluation as the code server runs it (instance_ref lets it resolve dynamic partitions)."""
+        with build_sensor_context(
+            instance=self.instance,
+            instance_ref=self.instance.get_ref(),
+            resources=build_resources(self.settings),
+            definitions=self.definitions,
+        ) as context:
+            return self.repository.get_sensor_def("pending_generation_tasks").evaluate_tick(context)
+
+    def tick_until(self, done: Callable[[list[SensorExecutionData]], bool]) -> list[SensorExecutionData]:
+        """Ticks, pausing between ticks, until `done(all ticks so far)`; every tick is returned."""
+        ticks: list[SensorExecutionData] = []
+        give_up = time.monotonic() + TICK_GIVE_UP_SECONDS
+        while True:
+            ticks.append(self.tick())
+            if done(ticks):
+                return ticks
+            if time.monotonic() > give_up:
+                raise AssertionError(f"sensor never got there in {len(ticks)} ticks: {ticks[-1]}")
+            time.sleep(TICK_PAUSE_SECONDS)
+
+    def discover(self, at: datetime) -> ScheduleExecutionData:
+        """One evaluation of the `brief_discovery` schedule at `at`."""
+        schedule = self.repository.get_schedule_def("brief_discovery")
+        with build_schedule_context(
+            instance=self.instance,
+            instance_ref=self.instance.get_ref(),
+            scheduled_execution_time=at,
+            resources=build_resources(self.settings),
+            repository_def=self.repository,
+        ) as context:
+            return schedule.evaluate_tick(context)
+
+    def write_brief(self, name: str, text: str) -> Path:
+        path = self.requests_path / name
+        path.write_text(text, encoding="utf-8")
+        return path
+
+
+def store_requests(ticks: list[SensorExecutionData]) -> dict[str, RunRequest]:
+    """brief id -> the latest store request the sensor made for it."""
+    return {r.partition_key: r for tick in ticks for r in tick.run_requests}
+
+
+@pytest.fixture
+def pipeline_settings(
+    tmp_path: Path,
+    configure_emulator: Callable[..., RivyaEmulator],
+    s3_bucket: tuple[Any, str],
+    s3_endpoint_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Settings:
+    """Settings for the emulator and the S3 bucket, over a private copy of the sample briefs.
+
+    The key is set in the environment only: RivyaResource reads it through EnvVar when a run starts.
+    """
+    emulator = configure_emulator(**FAST_LIFECYCLE)
+    monkeypatch.setenv("RIVYA_API_KEY", TEST_API_KEY)
+    requests_path = tmp_path / "requests"
+    shutil.copytree(REPO_ROOT / "requests", requests_path)
+    return dataclasses.replace(
+        Settings.from_env({}),
+        requests_path=requests_path,
+        base_url=emulator.base_url,
+        s3_bucket=s3_bucket[1],
+        s3_endpoint_url=s3_endpoint_url,
+        s3_region="us-east-1",
+        allow_local_media=True,
+        ledger_url=f"sqlite:///{tmp_path / 'ledger.sqlite'}",
+    )
+
+
+@pytest.fixture
+def dagster_instance(tmp_path: Path) -> Iterator[DagsterInstance]:
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    with DagsterInstance.local_temp(str(home)) as instance:
+        yield instance
+
+
+@pytest.fixture
+def make_pipeline(
+    pipeline_settings: Settings, dagster_instance: DagsterInstance, emulator: RivyaEmulator
+) -> Iterator[Callable[..., Pipeline]]:
+    """`make_pipeline(max_credits_per_run=90)`: the test pipeline with some settings replaced."""
+    made: list[Pipeline] = []
+
+    def make(**overrides: Any) -> Pipeline:
+        made.append(Pipeline(dataclasses.replace(pipeline_settings, **overrides), dagster_instance, emulator))
+        return made[-1]
+
+    yield make
+    for pipeline in made:
+        pipeline.ledger.close()
+
+
+@pytest.fixture
+def pipeline(make_pipeline: Callable[..., Pipeline]) -> Pipeline:
+    return make_pipeline()

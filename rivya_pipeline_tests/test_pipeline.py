@@ -1,0 +1,285 @@
+"""The Dagster layer end to end: real definitions on a real Dagster instance, the emulator and S3 over HTTP.
+
+Runs are launched the way the daemon would launch them: the schedule's and the sensor's run requests are
+materialized with their partition and tags. Only the sensor's clock is moved in the deadline test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from dagster import AssetCheckKey, AssetKey
+from dagster._core.event_api import PartitionKeyFilter
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+from dagster._serdes import serialize_value
+
+from rivya_pipeline import polling
+from rivya_pipeline.briefs import load_briefs
+from rivya_pipeline.defs.assets import BATCH_TAG, STORED_VIDEO_CHECKS, TASK_TAG, generation_task
+from rivya_pipeline.emulator import FAIL_MARKER
+from rivya_pipeline.headless import HeadlessRun, failure_text
+from rivya_pipeline.settings import REPO_ROOT
+from rivya_pipeline_tests.fixtures_emulator import TEST_API_KEY, TEST_CREDITS
+from rivya_pipeline_tests.fixtures_pipeline import SAMPLE_BRIEFS, store_requests
+
+KLING_PRICE = 90
+CHECK_NAMES = {spec.name for spec in STORED_VIDEO_CHECKS}
+DOOMED_BRIEF = f"""id: doomed-balloon
+prompt: "A red balloon drifting up past a brick wall {FAIL_MARKER}"
+params:
+  duration: 3
+"""
+NEW_BRIEF = """id: harbour-dusk
+prompt: Fishing boats rocking gently in a small harbour at dusk, lanterns flickering on.
+params:
+  duration: 3
+  aspect_ratio: "16:9"
+"""
+INVALID_BRIEF = """id: too-short
+prompt: A clip shorter than the model allows.
+params:
+  duration: 2
+"""
+
+
+def metadata_values(entry) -> dict:
+    return {key: value.value for key, value in entry.metadata.items()}
+
+
+def materialization(result, asset: str) -> dict:
+    (event,) = result.asset_materializations_for_node(asset)
+    return metadata_values(event)
+
+
+def observations(ticks, status: str) -> list[dict]:
+    return [
+        {"partition": event.partition, **metadata_values(event)}
+        for tick in ticks
+        for event in tick.asset_events
+        if metadata_values(event)["status"] == status
+    ]
+
+
+def s3_keys(s3_bucket, prefix: str) -> list[str]:
+    client, bucket = s3_bucket
+    return [item["Key"] for item in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
+
+
+def s3_bytes(s3_bucket, key: str) -> bytes:
+    client, bucket = s3_bucket
+    return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def clock_moved_forward(by: timedelta) -> type[datetime]:
+    """A `datetime` whose now() runs `by` ahead: the poller's view of a later moment."""
+
+    class Later(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.now(tz) + by
+
+    return Later
+
+
+def test_sample_briefs_end_in_s3_with_passing_checks(pipeline, emulator, s3_bucket):
+    briefs = {b.id: b for b in load_briefs(pipeline.requests_path)}
+    submits = {brief_id: pipeline.submit(brief_id) for brief_id in SAMPLE_BRIEFS}
+    requests = store_requests(pipeline.tick_until(lambda ticks: store_requests(ticks).keys() == set(SAMPLE_BRIEFS)))
+
+    prefix = pipeline.settings.s3_prefix
+    for brief_id, request in requests.items():
+        task_id = request.tags[TASK_TAG]
+        assert task_id == materialization(submits[brief_id], "generation_task")["task_id"]
+        assert request.run_key == f"{task_id}:store"
+        result = pipeline.store(request)
+
+        video_key, sidecar_key = f"{prefix}/{brief_id}/{task_id}.mp4", f"{prefix}/{brief_id}/{task_id}.json"
+        assert sorted(s3_keys(s3_bucket, f"{prefix}/{brief_id}/")) == [sidecar_key, video_key]
+        video_sha256 = hashlib.sha256(s3_bytes(s3_bucket, video_key)).hexdigest()
+        stored = materialization(result, "stored_video")
+        assert stored["task_id"] == task_id
+        assert stored["s3_uri"] == f"s3://{s3_bucket[1]}/{video_key}"
+        assert stored["sha256"] == video_sha256
+        assert stored["duration_seconds"] == float(briefs[brief_id].request.params["duration"])
+        assert stored["resolution"]
+
+        sidecar_text = s3_bytes(s3_bucket, sidecar_key).decode()
+        sidecar = json.loads(sidecar_text)
+        assert sidecar["brief_id"] == brief_id
+        assert sidecar["prompt"] == briefs[brief_id].request.prompt
+        assert sidecar["params"] == briefs[brief_id].request.params
+        assert (sidecar["task_id"], sidecar["final_credits"], sidecar["sha256"]) == (task_id, KLING_PRICE, video_sha256)
+        assert TEST_API_KEY not in sidecar_text
+
+        assert {(c.check_name, c.passed) for c in result.get_asset_check_evaluations()} == {
+            (name, True) for name in CHECK_NAMES
+        }
+        recorded = pipeline.instance.event_log_storage.get_latest_asset_check_execution_by_key(
+            [AssetCheckKey(AssetKey("stored_video"), name) for name in CHECK_NAMES],
+            partition_filter=PartitionKeyFilter(key=brief_id),
+        )
+        assert {key.name: record.status for key, record in recorded.items()} == {
+            name: AssetCheckExecutionRecordStatus.SUCCEEDED for name in CHECK_NAMES
+        }
+
+    uploads = {brief_id: materialization(result, "reference_uploads")["count"] for brief_id, result in submits.items()}
+    assert uploads == {"product-spin": 1, "city-morph": 2, "sunrise-timelapse": 0}
+    stats = emulator.stats()
+    assert stats["uploads_performed"] == 3
+    assert sorted((c["credits"], c["refunded"]) for c in stats["charges"]) == [(KLING_PRICE, False)] * 3
+    assert stats["wallets"]["acct_test"] == TEST_CREDITS - 3 * KLING_PRICE
+    assert stats["media_authorization_headers_seen"] == 0
+    for run in pipeline.instance.get_runs():
+        assert TEST_API_KEY not in serialize_value(pipeline.instance.all_logs(run.run_id))
+
+
+def test_failed_generation_is_reported_with_its_refund_and_never_stored(pipeline, emulator, s3_bucket):
+    pipeline.write_brief("doomed.yaml", DOOMED_BRIEF)
+    task_id = materialization(pipeline.submit("doomed-balloon"), "generation_task")["task_id"]
+
+    ticks = pipeline.tick_until(lambda ticks: observations(ticks, "failed"))
+    ticks.append(pipeline.tick())
+
+    (failed,) = observations(ticks, "failed")
+    assert failed["partition"] == "doomed-balloon"
+    assert (failed["task_id"], failed["error_code"], failed["refunded_credits"]) == (
+        task_id,
+        "generation_failed",
+        KLING_PRICE,
+    )
+    assert [r for tick in ticks for r in tick.run_requests] == []
+    assert s3_keys(s3_bucket, f"{pipeline.settings.s3_prefix}/doomed-balloon/") == []
+    stats = emulator.stats()
+    assert [(c["task_id"], c["refunded"]) for c in stats["charges"]] == [(task_id, True)]
+    assert stats["wallets"]["acct_test"] == TEST_CREDITS
+    assert pipeline.ledger.find_by_task(task_id).status == "failed"
+
+
+def test_rerun_of_an_unchanged_brief_reattaches_instead_of_paying_again(pipeline, emulator):
+    first = materialization(pipeline.submit("product-spin"), "generation_task")
+    charges = emulator.stats()["charges"]
+
+    alone = materialization(pipeline.materialize([generation_task], "product-spin"), "generation_task")
+    whole = materialization(pipeline.submit("product-spin"), "generation_task")
+
+    assert [m["action"] for m in (first, alone, whole)] == ["new", "reattach", "reattach"]
+    assert {(m["task_id"], m["idempotency_key"]) for m in (first, alone, whole)} == {
+        (first["task_id"], first["idempotency_key"])
+    }
+    stats = emulator.stats()
+    assert stats["creates_performed"] == 1
+    assert stats["charges"] == charges
+    assert stats["uploads_performed"] == 2  # the free upload is repeated; the paid create is not
+
+
+def test_headless_run_twice_stores_every_brief_once(pipeline, emulator):
+    def headless_run():
+        run = HeadlessRun(settings=pipeline.settings, instance=pipeline.instance)
+        return {o.brief_id: o for o in run.run(load_briefs(pipeline.requests_path), timeout_seconds=60)}
+
+    first = headless_run()
+    second = headless_run()
+
+    for outcomes in (first, second):
+        assert {brief_id: o.status for brief_id, o in outcomes.items()} == dict.fromkeys(SAMPLE_BRIEFS, "stored")
+    assert {b: (o.task_id, o.s3_uri) for b, o in second.items()} == {b: (o.task_id, o.s3_uri) for b, o in first.items()}
+    stats = emulator.stats()
+    assert stats["creates_performed"] == 3
+    assert len(stats["charges"]) == 3
+
+
+def test_discovery_schedule_launches_new_and_changed_briefs_and_skips_invalid_ones(pipeline, capsys):
+    tick = datetime(2026, 5, 11, 8, tzinfo=UTC)
+    pipeline.write_brief("too-short.yaml", INVALID_BRIEF)
+
+    first = pipeline.discover(tick)
+    assert {r.partition_key for r in first.run_requests} == set(SAMPLE_BRIEFS)
+    assert set(pipeline.instance.get_dynamic_partitions("briefs")) == set(SAMPLE_BRIEFS)
+    assert len({r.tags[BATCH_TAG] for r in first.run_requests}) == 1
+    assert "skipped invalid brief" in capsys.readouterr().err  # Dagster's console logger
+
+    unchanged = pipeline.discover(tick + timedelta(hours=1))
+    assert unchanged.run_requests == []
+    assert unchanged.skip_message
+
+    pipeline.write_brief("harbour.yaml", NEW_BRIEF)
+    added = pipeline.discover(tick + timedelta(hours=2))
+    assert [r.partition_key for r in added.run_requests] == ["harbour-dusk"]
+    assert "harbour-dusk" in pipeline.instance.get_dynamic_partitions("briefs")
+
+    sunrise = pipeline.requests_path / "text-only.yaml"
+    sunrise.write_text(sunrise.read_text().replace("Timelapse of sunrise", "Timelapse of sunset"))
+    edited = pipeline.discover(tick + timedelta(hours=3))
+    (request,) = edited.run_requests
+    assert request.partition_key == "sunrise-timelapse"
+    (original,) = [r for r in first.run_requests if r.partition_key == "sunrise-timelapse"]
+    assert request.run_key != original.run_key
+
+
+def test_per_run_credit_limit_holds_across_the_runs_of_one_discovery_tick(make_pipeline, emulator):
+    pipeline = make_pipeline(max_credits_per_run=KLING_PRICE)
+    requests = pipeline.discover(datetime(2026, 5, 11, 8, tzinfo=UTC)).run_requests
+
+    results = [pipeline.submit(r.partition_key, dict(r.tags), raise_on_error=False) for r in requests]
+
+    assert [r.success for r in results] == [True, False, False]
+    for refused in results[1:]:
+        assert "per-run credit limit" in failure_text(refused)
+    assert emulator.stats()["creates_performed"] == 1
+
+
+def test_sensor_requests_the_same_store_run_on_every_tick_until_stored(pipeline):
+    pipeline.submit("sunrise-timelapse")
+    (request,) = store_requests(pipeline.tick_until(store_requests)).values()
+
+    again = pipeline.tick()
+    assert [(r.run_key, r.partition_key, r.tags[TASK_TAG]) for r in again.run_requests] == [
+        (request.run_key, request.partition_key, request.tags[TASK_TAG])
+    ]
+
+    pipeline.store(request)
+    after = pipeline.tick()
+    assert after.run_requests == []
+    assert after.skip_message
+
+
+def test_task_past_its_deadline_is_reported_timed_out_and_no_longer_polled(pipeline, configure_emulator, monkeypatch):
+    emulator = configure_emulator(queued_seconds=0.1, processing_seconds=24 * 3600)
+    task_id = materialization(pipeline.submit("sunrise-timelapse"), "generation_task")["task_id"]
+    pipeline.tick_until(lambda ticks: emulator.stats()["polls"].get(task_id))
+    polls = emulator.stats()["polls"][task_id]
+
+    deadline = timedelta(minutes=pipeline.settings.task_deadline_minutes)
+    monkeypatch.setattr(polling, "datetime", clock_moved_forward(deadline + timedelta(minutes=1)))
+    late = pipeline.tick()
+    later = pipeline.tick()
+
+    (timed_out,) = observations([late], "timed_out")
+    assert (timed_out["partition"], timed_out["task_id"]) == ("sunrise-timelapse", task_id)
+    assert late.run_requests == []
+    assert later.asset_events == [] and later.skip_message
+    assert emulator.stats()["polls"][task_id] == polls
+    assert pipeline.ledger.find_by_task(task_id).status == "timed_out"
+
+
+def test_dagster_validates_the_definitions(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RIVYA_")} | {"DAGSTER_HOME": str(tmp_path)}
+    dagster = Path(sys.executable).parent / "dagster"
+
+    done = subprocess.run(
+        [str(dagster), "definitions", "validate", "-m", "rivya_pipeline.definitions"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Validation successful" in done.stdout + done.stderr
