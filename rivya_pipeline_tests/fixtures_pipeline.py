@@ -75,10 +75,10 @@ class Pipeline:
         self.add_partitions([brief_id])
         return self.materialize(SUBMIT_SELECTION, brief_id, tags, **kwargs)
 
-    def store(self, request: RunRequest) -> ExecuteInProcessResult:
+    def store(self, request: RunRequest, raise_on_error: bool = True) -> ExecuteInProcessResult:
         """Launch what the sensor asked for, as the daemon would: its partition, assets and tags."""
         selection = [key.to_user_string() for key in request.asset_selection]
-        return self.materialize(selection, request.partition_key, dict(request.tags))
+        return self.materialize(selection, request.partition_key, dict(request.tags), raise_on_error)
 
     def add_partitions(self, brief_ids: list[str]) -> None:
         known = set(self.instance.get_dynamic_partitions("briefs"))

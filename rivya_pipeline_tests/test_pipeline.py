@@ -22,7 +22,8 @@ from dagster._serdes import serialize_value
 from rivya_pipeline import polling
 from rivya_pipeline.briefs import load_briefs
 from rivya_pipeline.defs.assets import BATCH_TAG, STORED_VIDEO_CHECKS, TASK_TAG, generation_task
-from rivya_pipeline.emulator import FAIL_MARKER
+from rivya_pipeline.defs.sensors import MAX_STORE_ATTEMPTS
+from rivya_pipeline.emulator import FAIL_MARKER, FaultRule
 from rivya_pipeline.headless import HeadlessRun, failure_text
 from rivya_pipeline.settings import REPO_ROOT
 from rivya_pipeline_tests.fixtures_emulator import TEST_API_KEY, TEST_CREDITS
@@ -283,3 +284,23 @@ def test_dagster_validates_the_definitions(tmp_path):
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Validation successful" in done.stdout + done.stderr
+
+
+def test_failed_store_run_is_requested_again_under_a_new_key_at_most_three_times(pipeline):
+    pipeline.submit("sunrise-timelapse")
+    (first,) = store_requests(pipeline.tick_until(store_requests)).values()
+    pipeline.emulator.set_faults([FaultRule(endpoint="media", kind="server_error")])
+
+    keys = [first.run_key]
+    request = first
+    for _ in range(MAX_STORE_ATTEMPTS):
+        assert not pipeline.store(request, raise_on_error=False).success
+        retries = pipeline.tick().run_requests
+        if not retries:
+            break
+        (request,) = retries
+        keys.append(request.run_key)
+
+    task_id = first.tags[TASK_TAG]
+    assert keys == [f"{task_id}:store", f"{task_id}:store:retry1", f"{task_id}:store:retry2"]
+    assert pipeline.ledger.find_by_task(task_id).stored_uri is None

@@ -34,17 +34,20 @@ class RivyaResource(ConfigurableResource):
     max_media_mb: int = 2048
 
     _client: RivyaClient | None = PrivateAttr(default=None)
+    _poll_client: RivyaClient | None = PrivateAttr(default=None)
 
-    def client(self, retry: RetryPolicy | None = None) -> RivyaClient:
-        if retry is not None:
-            return RivyaClient(self.api_key, self.base_url, timeout_seconds=self.timeout_seconds, retry=retry)
+    def client(self) -> RivyaClient:
         if self._client is None:
             self._client = RivyaClient(self.api_key, self.base_url, timeout_seconds=self.timeout_seconds)
         return self._client
 
     def poller(self, ledger: Ledger) -> TaskPoller:
+        if self._poll_client is None:
+            self._poll_client = RivyaClient(
+                self.api_key, self.base_url, timeout_seconds=self.timeout_seconds, retry=POLL_RETRY
+            )
         return TaskPoller(
-            self.client(retry=POLL_RETRY),
+            self._poll_client,
             ledger,
             requests_per_second=self.poll_requests_per_second,
             concurrency=self.poll_concurrency,
@@ -59,8 +62,9 @@ class RivyaResource(ConfigurableResource):
         )
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
-        if self._client is not None:
-            self._client.close()
+        for client in (self._client, self._poll_client):
+            if client is not None:
+                client.close()
 
 
 class CreditLimitsResource(ConfigurableResource):
@@ -90,6 +94,10 @@ class CreditLimitsResource(ConfigurableResource):
         if self._ledger is None:
             self._ledger = Ledger(self.ledger_url or Ledger.default_url(instance.root_directory))
         return self._ledger
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        if self._ledger is not None:
+            self._ledger.close()
 
 
 class VideoStorageResource(ConfigurableResource):

@@ -3,14 +3,18 @@
 The ledger's `next_poll_at` is the durable cursor: a tick polls what is due (bounded in count and
 time, far under the 60 s tick limit), and whatever it did not reach stays due for the next tick.
 Store runs are requested from the ledger's "succeeded, not stored" rows on every tick, keyed by task
-id, so a tick that dies before its result is saved loses nothing and launches nothing twice.
+id, so a tick that dies before its result is saved loses nothing and launches nothing twice; a store
+run that failed is requested again under a new key, up to three times.
 """
 
 
 from dagster import (
     AssetObservation,
+    DagsterInstance,
+    DagsterRunStatus,
     DefaultSensorStatus,
     RunRequest,
+    RunsFilter,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
@@ -25,11 +29,18 @@ from .resources import CreditLimitsResource, RivyaResource
 TICK_TIME_BUDGET_SECONDS = 20.0
 MAX_POLLS_PER_TICK = 1000
 MAX_STORE_REQUESTS_PER_TICK = 200
+MAX_STORE_ATTEMPTS = 3  # storing is free; after 3 failed runs a person looks (the runs say why)
 
 
-def store_run_request(record: TaskRecord) -> RunRequest:
+def failed_store_runs(instance: DagsterInstance, task_id: str) -> int:
+    failed = [DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED]
+    return instance.get_runs_count(RunsFilter(tags={TASK_TAG: task_id}, statuses=failed))
+
+
+def store_run_request(record: TaskRecord, failed_attempts: int) -> RunRequest:
+    """Keyed by task id and attempt: a run key blocks forever, so a failed store gets a fresh key (bounded)."""
     return RunRequest(
-        run_key=f"{record.task_id}:store",
+        run_key=f"{record.task_id}:store" + (f":retry{failed_attempts}" if failed_attempts else ""),
         partition_key=record.brief_id,
         asset_selection=[stored_video.key],
         tags={TASK_TAG: record.task_id},
@@ -82,7 +93,11 @@ def pending_generation_tasks(
         )
     for record in report.timed_out:
         context.log.warning(f"task {record.task_id} (brief {record.brief_id}) passed its deadline; no longer polled")
-    run_requests = [store_run_request(r) for r in ledger.succeeded_unstored(limit=MAX_STORE_REQUESTS_PER_TICK)]
+    run_requests = []
+    for record in ledger.succeeded_unstored(limit=MAX_STORE_REQUESTS_PER_TICK):
+        failed = failed_store_runs(context.instance, record.task_id)
+        if failed < MAX_STORE_ATTEMPTS:
+            run_requests.append(store_run_request(record, failed))
     events = task_observations(report)
     if not run_requests and not events:
         return SkipReason(f"polled {report.polled} task(s), no status changes")
