@@ -532,6 +532,45 @@ def test_lost_response_charges_and_the_retry_finds_the_task(
     assert len(emulator.stats()["charges"]) == 1
 
 
+def test_stalled_lost_response_is_charged_while_the_client_still_waits(
+    api: httpx.Client, emulator: RivyaEmulator
+) -> None:
+    emulator.set_faults(
+        [FaultRule(endpoint="create_generation", kind="lost_response", times=1, lost_as="stall", delay=0.5)]
+    )
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        waiting = pool.submit(create, api)
+        while emulator.stats()["creates_performed"] == 0:
+            assert not waiting.done(), "the create answered before it was performed"
+            time.sleep(0.01)
+        assert not waiting.done()  # performed and charged, and the client has not heard
+        with pytest.raises(httpx.TransportError):
+            waiting.result()
+    assert time.monotonic() - started >= 0.5
+    task_id = emulator.stats()["charges"][0]["task_id"]
+    assert create(api).json()["id"] == task_id
+    assert len(emulator.stats()["charges"]) == 1
+
+
+def test_trickle_paces_one_media_body_and_served_bytes_are_counted(
+    configure_emulator: Any, api: httpx.Client
+) -> None:
+    emulator = configure_emulator(queued_seconds=0, processing_seconds=0, result_min_bytes=1_000_000)
+    url = finished_video_url(api, kling(duration="3"))
+    emulator.set_faults([FaultRule(endpoint="media", kind="trickle", bytes_per_second=2_000_000, times=1)])
+    started = time.monotonic()
+    with httpx.stream("GET", url) as response:
+        received = sum(len(piece) for piece in response.iter_raw())
+    assert time.monotonic() - started >= 0.45  # 1 MB at 2 MB/s, in slices of a tenth of a second
+    assert received == 1_000_000
+    assert emulator.stats()["media_bytes_served"] == 1_000_000
+    assert len(httpx.get(url).content) == 1_000_000  # the rule fired once: the next body is not paced
+    assert emulator.stats()["media_bytes_served"] == 2_000_000
+    with pytest.raises(pydantic.ValidationError):
+        FaultRule(endpoint="get_generation", kind="trickle")
+
+
 def test_slow_and_latency_delay_the_answer(configure_emulator: Any, api: httpx.Client) -> None:
     emulator = configure_emulator(latency_seconds=0.2)
     emulator.set_faults([FaultRule(endpoint="credits", kind="slow", delay=0.3)])

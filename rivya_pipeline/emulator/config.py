@@ -27,7 +27,7 @@ FaultEndpoint = Literal[
 ]
 FaultKind = Literal[
     "rate_limited", "server_error", "internal_error", "public_api_disabled", "drop_connection", "slow",
-    "lost_response",
+    "lost_response", "trickle",
 ]
 
 
@@ -55,19 +55,26 @@ class FaultRule(_Strict):
     rate: float | None = Field(default=None, ge=0.0, le=1.0)
     times: int | None = Field(default=None, ge=1)
     retry_after: int = Field(default=1, ge=0, description="Retry-After seconds for rate_limited")
-    delay: float = Field(default=1.0, ge=0.0, description="seconds to wait for slow")
+    delay: float = Field(default=1.0, ge=0.0, description="seconds to wait for slow, and to stall a lost_response")
     status: int = Field(default=502, ge=500, le=599, description="HTTP status for server_error")
     body: Literal["html", "envelope", "empty"] = Field(
         default="html", description="server_error body: a proxy's HTML page, a Rivya envelope, or nothing"
     )
-    lost_as: Literal["internal_error", "drop_connection"] = Field(
-        default="internal_error", description="how lost_response loses the answer of a performed create"
+    lost_as: Literal["internal_error", "drop_connection", "stall"] = Field(
+        default="internal_error",
+        description="how lost_response loses the answer of a performed create; stall holds it for `delay` "
+        "seconds, then drops the connection (a window to kill a client after its create was performed)",
+    )
+    bytes_per_second: int = Field(
+        default=1_000_000, ge=1, description="trickle: pace of a media body, so a client can be killed mid-download"
     )
 
     @model_validator(mode="after")
-    def _lost_response_only_for_create(self) -> FaultRule:
+    def _endpoint_specific_kinds(self) -> FaultRule:
         if self.kind == "lost_response" and self.endpoint != "create_generation":
             raise ValueError("lost_response applies only to endpoint 'create_generation'")
+        if self.kind == "trickle" and self.endpoint != "media":
+            raise ValueError("trickle applies only to endpoint 'media'")
         if self.rate is not None and self.times is not None:
             raise ValueError("give either rate or times, not both")
         return self

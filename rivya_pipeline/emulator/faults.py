@@ -77,9 +77,24 @@ class DroppedConnectionResponse(Response):
         await send({"type": "http.response.body", "body": b'{"id":"', "more_body": True})
 
 
+class StalledResponse(DroppedConnectionResponse):
+    """Holds the answer for `delay` seconds, then drops the connection: while it waits, the create is already
+    performed and charged, but the client has not heard so, which is the moment a crash test kills it."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self._delay = delay
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await asyncio.sleep(self._delay)
+        await super().__call__(scope, receive, send)
+
+
 def fault_response(rule: FaultRule) -> Response:
-    """What the client receives for a fault that replaces the answer (every kind but `slow`)."""
+    """What the client receives for a fault that replaces the answer (every kind but `slow` and `trickle`)."""
     kind = rule.lost_as if rule.kind == "lost_response" else rule.kind
+    if kind == "stall":
+        return StalledResponse(rule.delay)
     if kind == "rate_limited":
         return error_response("rate_limited", "Too many requests.", headers={"Retry-After": str(rule.retry_after)})
     if kind == "internal_error":
@@ -105,8 +120,12 @@ def _server_error(rule: FaultRule) -> Response:
 
 async def injected_response(injector: FaultInjector, endpoint: str) -> Response | None:
     """The response a fault puts in place of the real one, or None to carry on (after any `slow` delay)."""
-    rule = injector.take(endpoint)
-    if rule is None:
+    return await applied_fault(injector.take(endpoint))
+
+
+async def applied_fault(rule: FaultRule | None) -> Response | None:
+    """`injected_response` for a rule already taken; a `trickle` only paces the body, so it answers None too."""
+    if rule is None or rule.kind == "trickle":
         return None
     if rule.kind == "slow":
         await asyncio.sleep(rule.delay)

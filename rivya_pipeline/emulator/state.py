@@ -39,6 +39,7 @@ class _Stats:
     idempotent_replays: int = 0
     uploads_performed: int = 0
     media_requests: int = 0
+    media_bytes_served: int = 0
     media_authorization_headers_seen: int = 0
     media_authorized_paths: list[str] = field(default_factory=list)
 
@@ -89,6 +90,10 @@ class EmulatorState:
             if has_authorization:
                 self._stats.media_authorization_headers_seen += 1
                 self._stats.media_authorized_paths.append(path)
+
+    def record_media_bytes(self, count: int) -> None:
+        with self._lock:
+            self._stats.media_bytes_served += count
 
     def add_file(self, account: str, kind: str, name: str, mime_type: str, content: bytes,
                  duration_seconds: float | None) -> dict[str, Any]:
@@ -207,6 +212,7 @@ class EmulatorState:
                 "wallets": dict(self._wallets),
                 "uploads_performed": stats.uploads_performed,
                 "media_requests": stats.media_requests,
+                "media_bytes_served": stats.media_bytes_served,
                 "media_authorization_headers_seen": stats.media_authorization_headers_seen,
                 "media_authorized_paths": list(stats.media_authorized_paths),
                 "polls": dict(stats.polls),
