@@ -1,0 +1,377 @@
+"""Money safety, proved by the emulator's wallet (its own record of creates and charges), not by the pipeline's
+opinion of itself: a budget shared by parallel run processes, kill -9 at the worst moments, Dagster's own retries
+and re-executions, refusals that must not be repeated, and failed generations that must not be bought again.
+
+Run processes are real OS processes (rivya_pipeline_tests/pipeline_process.py) on one Dagster instance and one
+ledger; they reach the emulator, which runs in this test process, over HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from dagster import (
+    AssetKey,
+    DagsterEventType,
+    Definitions,
+    ReexecutionOptions,
+    RetryPolicy,
+    define_asset_job,
+    execute_job,
+)
+
+from rivya_pipeline.briefs import load_brief_by_id
+from rivya_pipeline.definitions import ASSETS, build_resources
+from rivya_pipeline.defs.assets import TASK_TAG, briefs_partitions, generation_task
+from rivya_pipeline.emulator import FAIL_MARKER, FaultRule, RivyaEmulator
+from rivya_pipeline.headless import QUIET_LOGS, failure_text
+from rivya_pipeline.storage import VideoStore, make_s3_client
+from rivya_pipeline_tests import test_ledger
+from rivya_pipeline_tests.fixtures_emulator import TEST_ACCOUNT, TEST_CREDITS
+from rivya_pipeline_tests.fixtures_pipeline import FAST_LIFECYCLE, SUBMIT_SELECTION, Pipeline, store_requests
+from rivya_pipeline_tests.pipeline_process import (
+    IN_PROCESS,
+    implicit_asset_job,
+    outcome,
+    settings_env,
+    start_materialize,
+)
+from rivya_pipeline_tests.test_ledger import Backend
+
+# The ledger test's backends (a SQLite file, a fresh PostgreSQL schema), as a fixture of this module too.
+ledger_backend = test_ledger.backend
+KLING_PRICE = 90
+SUBMIT_NAMES = ["video_brief", "reference_uploads", "generation_task"]
+RACERS = 8
+AFFORDABLE_TASKS = 3
+PROCESS_TIMEOUT_SECONDS = 120
+WAIT_POLL_SECONDS = 0.01
+STALL_SECONDS = 30  # longer than the kill takes to arrive; the client would time out and replay otherwise
+RESULT_BYTES = 16_000_000  # three 5 MiB parts and a tail
+TRICKLE_BYTES_PER_SECOND = 2_000_000  # the first part (5 MiB) is read after ~2.6 s: a wide window to kill in
+SMALLEST_PART_MB = 5
+TEXT_BRIEF = "sunrise-timelapse"
+REFERENCE_BRIEF = "product-spin"
+
+
+def race_brief(index: int) -> str:
+    return f"""id: race-{index}
+prompt: Paper boat number {index} drifting down a rain-filled gutter, seen from street level.
+params:
+  duration: 3
+"""
+
+
+def wait_until(condition: Callable[[], bool], process: subprocess.Popen | None = None, what: str = "") -> None:
+    """Poll until `condition()`; fails at once if the process it waits on has died instead."""
+    give_up = time.monotonic() + PROCESS_TIMEOUT_SECONDS
+    while not condition():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"run process exited ({process.returncode}) before {what}: {process.stderr.read()}")
+        if time.monotonic() > give_up:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(WAIT_POLL_SECONDS)
+
+
+def kill_9(process: subprocess.Popen) -> None:
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate(timeout=PROCESS_TIMEOUT_SECONDS)
+    assert process.returncode == -signal.SIGKILL
+
+
+def run_env(pipeline: Pipeline) -> dict[str, str]:
+    """The environment of a run process of this pipeline (the API key is already in os.environ)."""
+    return {**os.environ, **settings_env(pipeline.settings), "DAGSTER_HOME": pipeline.instance.root_directory}
+
+
+def idempotency_key(pipeline: Pipeline, brief_id: str) -> str:
+    return load_brief_by_id(pipeline.requests_path, brief_id).request.idempotency_key()
+
+
+def materialization(result, asset: str) -> dict:
+    (event,) = result.asset_materializations_for_node(asset)
+    return {key: value.value for key, value in event.metadata.items()}
+
+
+def charges(emulator: RivyaEmulator) -> list[tuple[str, int]]:
+    return [(charge["task_id"], charge["credits"]) for charge in emulator.stats()["charges"]]
+
+
+def ambiguous_create_faults() -> list[FaultRule]:
+    """Every attempt of the client's retry loop fails, and one of them was performed (charged) with its answer lost.
+
+    The five 429s carry Retry-After: 0, so the loop runs out in no time; the sixth attempt creates the task and
+    the connection drops before the answer: the run cannot know whether it paid.
+    """
+    return [
+        FaultRule(endpoint="create_generation", kind="rate_limited", retry_after=0, times=5),
+        FaultRule(endpoint="create_generation", kind="lost_response", lost_as="drop_connection", times=1),
+    ]
+
+
+# -- budget across run processes -----------------------------------------------------------------------------
+
+
+def test_eight_run_processes_with_a_budget_for_three_tasks_create_exactly_three(
+    make_pipeline, emulator: RivyaEmulator, ledger_backend: Backend, tmp_path: Path
+) -> None:
+    pipeline = make_pipeline(ledger_url=ledger_backend.url, max_credits_per_day=AFFORDABLE_TASKS * KLING_PRICE)
+    brief_ids = [f"race-{i}" for i in range(RACERS)]
+    for index, brief_id in enumerate(brief_ids):
+        pipeline.write_brief(f"{brief_id}.yaml", race_brief(index))
+    pipeline.add_partitions(brief_ids)
+    signals = tmp_path / "signals"
+    signals.mkdir()
+    go = signals / "go"
+    env = run_env(pipeline)
+    processes = {
+        brief_id: start_materialize(env, SUBMIT_NAMES, brief_id, ready=signals / f"{brief_id}.ready", go=go)
+        for brief_id in brief_ids
+    }
+    for brief_id, process in processes.items():
+        wait_until((signals / f"{brief_id}.ready").exists, process, f"{brief_id} to load")
+
+    go.touch()  # all 8 are loaded and polling for this file: they start their runs within milliseconds
+    outcomes = {brief_id: outcome(process, PROCESS_TIMEOUT_SECONDS) for brief_id, process in processes.items()}
+
+    submitted = sorted(b for b, o in outcomes.items() if o["success"])
+    refused = {b: o["failure"] for b, o in outcomes.items() if not o["success"]}
+    assert len(submitted) == AFFORDABLE_TASKS and len(refused) == RACERS - AFFORDABLE_TASKS
+    for failure in refused.values():
+        assert failure.startswith("Not submitted: per-day credit limit: 270 of 270 credits reserved"), failure
+        assert "this task costs 90" in failure
+    stats = emulator.stats()
+    assert stats["creates_performed"] == AFFORDABLE_TASKS
+    assert [credits for _, credits in charges(emulator)] == [KLING_PRICE] * AFFORDABLE_TASKS
+    assert stats["wallets"][TEST_ACCOUNT] == TEST_CREDITS - AFFORDABLE_TASKS * KLING_PRICE
+    assert sorted(pipeline.ledger.latest_for_brief(b).brief_id for b in submitted) == submitted
+    assert [pipeline.ledger.latest_for_brief(b) for b in refused] == [None] * len(refused)  # still pending
+
+
+# -- kill -9 -------------------------------------------------------------------------------------------------
+
+
+def test_kill_after_the_create_was_charged_then_the_rerun_reattaches_and_pays_once(
+    pipeline: Pipeline, emulator: RivyaEmulator
+) -> None:
+    pipeline.add_partitions([TEXT_BRIEF])
+    emulator.set_faults(
+        [FaultRule(endpoint="create_generation", kind="lost_response", lost_as="stall", delay=STALL_SECONDS, times=1)]
+    )
+    process = start_materialize(run_env(pipeline), SUBMIT_NAMES, TEXT_BRIEF)
+    wait_until(lambda: emulator.stats()["creates_performed"] == 1, process, "the create")
+    kill_9(process)  # Rivya has created and charged the task; the run never heard the answer
+
+    key = idempotency_key(pipeline, TEXT_BRIEF)
+    crashed = pipeline.ledger.get(key)
+    assert (crashed.status, crashed.task_id) == ("submitting", None)
+
+    rerun = materialization(pipeline.materialize([generation_task], TEXT_BRIEF), "generation_task")
+
+    assert (rerun["action"], rerun["idempotency_key"]) == ("resend", key)
+    assert charges(emulator) == [(rerun["task_id"], KLING_PRICE)]
+    stats = emulator.stats()
+    assert (stats["creates_performed"], stats["idempotent_replays"]) == (1, 1)
+    assert stats["wallets"][TEST_ACCOUNT] == TEST_CREDITS - KLING_PRICE
+    assert pipeline.ledger.get(key).task_id == rerun["task_id"]
+
+
+@pytest.mark.parametrize("phase", ["downloading", "uploading"])
+def test_kill_during_the_transfer_leaves_no_object_and_the_next_run_stores_it(
+    make_pipeline, configure_emulator, s3_bucket, phase: str
+) -> None:
+    emulator = configure_emulator(**FAST_LIFECYCLE, result_min_bytes=RESULT_BYTES)
+    pipeline = make_pipeline(s3_chunk_mb=SMALLEST_PART_MB)
+    pipeline.submit(TEXT_BRIEF)
+    (request,) = store_requests(pipeline.tick_until(store_requests)).values()
+    task_id = request.tags[TASK_TAG]
+    client, bucket = s3_bucket
+    store = VideoStore(make_s3_client(pipeline.settings.s3_endpoint_url), bucket, pipeline.settings.s3_prefix)
+    video_key = store.video_key(TEXT_BRIEF, task_id)
+    emulator.set_faults(
+        [FaultRule(endpoint="media", kind="trickle", bytes_per_second=TRICKLE_BYTES_PER_SECOND, times=1)]
+    )
+
+    process = start_materialize(run_env(pipeline), ["stored_video"], TEXT_BRIEF, tags=dict(request.tags))
+    if phase == "downloading":  # bytes are flowing, and not one part has reached S3
+        wait_until(lambda: emulator.stats()["media_bytes_served"] >= 1_000_000, process, "the download")
+    else:  # a multipart upload is open and receiving parts
+        wait_until(lambda: store.open_multipart_uploads(), process, "the multipart upload")
+    open_at_kill = store.open_multipart_uploads()
+    kill_9(process)
+
+    assert [key for key, _ in open_at_kill] == ([] if phase == "downloading" else [video_key])
+    listed = client.list_objects_v2(Bucket=bucket, Prefix=f"{pipeline.settings.s3_prefix}/{TEXT_BRIEF}/")
+    assert listed.get("Contents", []) == []  # no partial video, no sidecar
+
+    stored = materialization(pipeline.store(request), "stored_video")
+
+    video = client.get_object(Bucket=bucket, Key=video_key)["Body"].read()
+    sidecar = json.loads(client.get_object(Bucket=bucket, Key=store.sidecar_key(TEXT_BRIEF, task_id))["Body"].read())
+    assert len(video) == RESULT_BYTES
+    assert hashlib.sha256(video).hexdigest() == sidecar["sha256"] == stored["sha256"]
+    assert store.open_multipart_uploads() == []  # the killed run's upload was aborted before storing again
+    assert pipeline.ledger.find_by_task(task_id).stored_sha256 == sidecar["sha256"]
+    assert emulator.stats()["media_requests"] == 2
+
+
+# -- Dagster retries and re-executions -----------------------------------------------------------------------
+
+
+def test_dagster_reexecution_of_a_run_whose_create_outcome_is_unknown_resends_and_pays_once(
+    pipeline: Pipeline, emulator: RivyaEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real re-execution path (what run retries and "re-execute from failure" in the UI do): a new run of the
+    same job, from the failed step, loading the upstream outputs the failed run stored."""
+    for name, value in settings_env(pipeline.settings).items():
+        monkeypatch.setenv(name, value)  # the reconstructable job builds its definitions from the environment
+    pipeline.add_partitions([REFERENCE_BRIEF])
+    emulator.set_faults(ambiguous_create_faults())
+    job = implicit_asset_job()
+
+    failed = execute_job(
+        job,
+        pipeline.instance,
+        run_config=IN_PROCESS | QUIET_LOGS,
+        tags={"dagster/partition": REFERENCE_BRIEF},
+        asset_selection=[AssetKey(name) for name in SUBMIT_NAMES],
+    )
+
+    assert not failed.success
+    assert failure_text(failed).startswith("Outcome of the create is unknown (transport_error")
+    assert emulator.stats()["requests"]["create_generation"] == 6  # the client's whole retry loop
+    assert len(charges(emulator)) == 1
+    key = idempotency_key(pipeline, REFERENCE_BRIEF)
+    assert pipeline.ledger.get(key).status == "submitting"
+    uploads = emulator.stats()["uploads_performed"]
+
+    options = ReexecutionOptions.from_failure(failed.run_id, pipeline.instance)
+    # The parent's tags (its partition among them) go along, as the daemon's run retries copy them.
+    with execute_job(job, pipeline.instance, tags=failed.dagster_run.tags, reexecution_options=options) as retried:
+        assert retried.success
+        assert retried.dagster_run.parent_run_id == failed.run_id
+        steps = {e.step_key for e in retried.all_events if e.event_type == DagsterEventType.STEP_START}
+        resent = materialization(retried, "generation_task")
+
+    assert steps == {"generation_task"}  # the brief and its upload were not redone
+    assert (resent["action"], resent["idempotency_key"]) == ("resend", key)
+    assert charges(emulator) == [(resent["task_id"], KLING_PRICE)]
+    stats = emulator.stats()
+    assert (stats["creates_performed"], stats["idempotent_replays"], stats["uploads_performed"]) == (1, 1, uploads)
+
+
+def run_with_step_retries(pipeline: Pipeline, brief_id: str):
+    """generation_task in a job whose op retry policy retries every retryable failure (Dagster's step retries)."""
+    job = define_asset_job(
+        "generation_task_with_step_retries",
+        selection=[generation_task],
+        partitions_def=briefs_partitions,
+        op_retry_policy=RetryPolicy(max_retries=2),
+    )
+    definitions = Definitions(assets=ASSETS, jobs=[job], resources=build_resources(pipeline.settings))
+    return definitions.resolve_job_def(job.name).execute_in_process(
+        partition_key=brief_id, instance=pipeline.instance, run_config=QUIET_LOGS, raise_on_error=False
+    )
+
+
+def step_retries(result) -> int:
+    return sum(1 for event in result.all_events if event.event_type == DagsterEventType.STEP_UP_FOR_RETRY)
+
+
+def test_step_retry_after_an_unknown_create_outcome_resends_and_pays_once(
+    pipeline: Pipeline, emulator: RivyaEmulator
+) -> None:
+    pipeline.add_partitions([TEXT_BRIEF])
+    pipeline.materialize(SUBMIT_SELECTION[:2], TEXT_BRIEF)
+    emulator.set_faults(ambiguous_create_faults())
+
+    result = run_with_step_retries(pipeline, TEXT_BRIEF)
+
+    assert result.success and step_retries(result) == 1
+    resent = materialization(result, "generation_task")
+    assert resent["action"] == "resend"
+    assert charges(emulator) == [(resent["task_id"], KLING_PRICE)]
+    assert emulator.stats()["creates_performed"] == 1
+
+
+def wallet_too_small(pipeline: Pipeline, emulator: RivyaEmulator) -> Callable[[], None]:
+    emulator.set_credits(TEST_ACCOUNT, KLING_PRICE - 1)
+    return lambda: emulator.set_credits(TEST_ACCOUNT, TEST_CREDITS)
+
+
+def uploads_forgotten(pipeline: Pipeline, emulator: RivyaEmulator) -> Callable[[], None]:
+    """Rivya no longer knows the uploaded references (an expired file): its validation refuses the create."""
+    emulator.reset()
+    return lambda: pipeline.materialize(SUBMIT_SELECTION[:2], REFERENCE_BRIEF)
+
+
+@pytest.mark.parametrize(
+    ("break_it", "code"),
+    [(wallet_too_small, "insufficient_credits"), (uploads_forgotten, "validation_failed")],
+    ids=["insufficient_credits", "validation_failed"],
+)
+def test_a_refused_create_is_not_retried_and_releases_its_reservation(
+    make_pipeline, emulator: RivyaEmulator, break_it, code: str
+) -> None:
+    pipeline = make_pipeline(max_credits_per_day=KLING_PRICE)  # room for exactly the one task
+    pipeline.add_partitions([REFERENCE_BRIEF])
+    pipeline.materialize(SUBMIT_SELECTION[:2], REFERENCE_BRIEF)
+    repair = break_it(pipeline, emulator)
+
+    refused = run_with_step_retries(pipeline, REFERENCE_BRIEF)
+
+    assert not refused.success and step_retries(refused) == 0  # Failure(allow_retries=False) beats the policy
+    assert failure_text(refused).startswith(f"Rivya refused the task: {code}:")
+    assert emulator.stats()["requests"]["create_generation"] == 1
+    assert charges(emulator) == []
+    assert pipeline.ledger.latest_for_brief(REFERENCE_BRIEF) is None  # the reservation is released
+
+    repair()
+    fixed = run_with_step_retries(pipeline, REFERENCE_BRIEF)
+
+    assert fixed.success  # the per-day cap has room again, and a fresh body is sent, not the refused one
+    created = materialization(fixed, "generation_task")
+    assert created["action"] == "new"
+    assert charges(emulator) == [(created["task_id"], KLING_PRICE)]
+
+
+# -- failed generations ----------------------------------------------------------------------------------------
+
+
+def test_a_failed_generation_is_bought_again_only_after_regenerate_is_bumped(
+    pipeline: Pipeline, emulator: RivyaEmulator
+) -> None:
+    brief = f"""id: doomed-lantern
+prompt: "A paper lantern rising over a dark lake {FAIL_MARKER}"
+params:
+  duration: 3
+"""
+    path = pipeline.write_brief("doomed.yaml", brief)
+    first = materialization(pipeline.submit("doomed-lantern"), "generation_task")
+    pipeline.tick_until(lambda ticks: pipeline.ledger.find_by_task(first["task_id"]).status == "failed")
+
+    again = pipeline.materialize([generation_task], "doomed-lantern", raise_on_error=False)
+    whole = pipeline.submit("doomed-lantern", raise_on_error=False)
+
+    for result in (again, whole):
+        assert not result.success
+        text = failure_text(result)
+        assert f"Task {first['task_id']} for brief 'doomed-lantern' had failed (generation_failed)" in text
+        assert "Bump `regenerate`" in text
+    assert emulator.stats()["creates_performed"] == 1
+
+    path.write_text(brief + "regenerate: 1\n", encoding="utf-8")
+    regenerated = materialization(pipeline.submit("doomed-lantern"), "generation_task")
+
+    assert regenerated["action"] == "new"
+    assert regenerated["idempotency_key"] != first["idempotency_key"]
+    assert [task_id for task_id, _ in charges(emulator)] == [first["task_id"], regenerated["task_id"]]
+    assert emulator.stats()["creates_performed"] == 2
