@@ -212,6 +212,18 @@ def submit_or_reattach(client, ledger, decision, deadline_minutes: int):
         deadline_at=now + timedelta(minutes=deadline_minutes),
         next_poll_at=now + timedelta(seconds=FIRST_POLL_SECONDS),
     )
+    if task.is_terminal:
+        # A create replayed after a lost answer can return a task that has already ended, and nothing polls a
+        # terminal task: record its outcome here, or a failure would be reported without its code and refund.
+        ledger.update_status(
+            task.id,
+            status=task.status,
+            final_credits=task.final_credits,
+            refunded_credits=task.refunded_credits,
+            error_code=task.error.code if task.error else None,
+            error_message=task.error.message if task.error else None,
+            polled_at=now,
+        )
     return task
 
 
