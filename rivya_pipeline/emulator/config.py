@@ -95,6 +95,9 @@ class EmulatorConfig(_Strict):
     latency_seconds: float = Field(default=0.0, ge=0.0, description="added to every API request")
     result_min_bytes: int = Field(default=0, ge=0, description="pad result videos up to this size")
     media_redirect_to: str | None = None
+    result_url_base: str | None = Field(
+        default=None, description="hand out result URLs under this base instead of the media host's (hostile URLs)"
+    )
     reject_authorized_media: bool = True
     video_fps: int = Field(default=8, ge=1, le=60)
     faults: list[FaultRule] = Field(default_factory=list)

@@ -163,7 +163,7 @@ class EmulatorState:
         task = Task(
             id=task_id, account=account, model_id=request.model.id, params=request.params, price=price,
             will_fail=FAIL_MARKER in request.prompt or self._outcome_rng.random() < self.config.failure_rate,
-            result_url=f"{self.media_base_url}/media/{task_id}.mp4",
+            result_url=f"{self.config.result_url_base or self.media_base_url}/media/{task_id}.mp4",
             created=now, started=started, finished=started + self.config.processing_seconds,
         )
         self._tasks[task_id] = task
