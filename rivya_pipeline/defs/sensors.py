@@ -77,9 +77,10 @@ def task_observations(report: PollReport) -> list[AssetObservation]:
     minimum_interval_seconds=5,
     asset_selection=[stored_video],
     default_status=DefaultSensorStatus.RUNNING,
+    # Plain text: the sensor page shows descriptions as typed (no Markdown, unlike asset pages).
     description="Polls Rivya for tasks that have no stored video yet (documented cadence, bounded per tick), "
     "records status changes, reports failures with their refund and tasks past their deadline, and requests a "
-    "`stored_video` run for each succeeded task.",
+    "stored_video run for each succeeded task.",
 )
 def pending_generation_tasks(
     context: SensorEvaluationContext, rivya: RivyaResource, credit_limits: CreditLimitsResource
