@@ -1,17 +1,20 @@
-"""Runs of the real definitions in other OS processes, configured only through the environment, as a Dagster
-run worker is: race tests start several at the same moment, crash tests kill -9 them half-way.
+"""Runs of the real definitions in other OS processes, configured only through their environment as a Dagster run
+worker is: race tests start several at the same moment, crash tests kill -9 them half-way.
 
-`python -m rivya_pipeline_tests.pipeline_process --select A,B --partition ID [--ready F --go G]` materializes the
-selection for one brief on the instance at DAGSTER_HOME and prints one JSON line: success, run id, failure text.
+The processes come from a fork server that has imported the pipeline once (Dagster's multiprocess executor starts
+its step processes the same way), so eight of them cost eight runs, not eight imports of Dagster. Each one still
+opens its own Dagster instance, ledger, HTTP and S3 connections.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import subprocess
-import sys
-import time
+import multiprocessing
+import os
+import signal
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 from dagster import DagsterInstance, Definitions, materialize
@@ -45,7 +48,10 @@ ENV_BY_SETTING = {
     "request_timeout_seconds": "RIVYA_TIMEOUT_SECONDS",
 }
 IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
-GO_POLL_SECONDS = 0.002
+BARRIER_TIMEOUT_SECONDS = 120
+
+FORK_SERVER = multiprocessing.get_context("forkserver")
+FORK_SERVER.set_forkserver_preload([__name__])
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -64,32 +70,80 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+@dataclass
+class RunProcess:
+    """One run process; its outcome (success, run id, failure text) arrives as a JSON file when it ends."""
+
+    process: BaseProcess
+    outcome_file: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def exited(self) -> bool:
+        return not self.process.is_alive()
+
+    def outcome(self, timeout: float) -> dict:
+        self.process.join(timeout)
+        if self.process.exitcode != 0 or not self.outcome_file.exists():
+            raise AssertionError(f"run process ended with exit code {self.process.exitcode} (its stderr is above)")
+        return json.loads(self.outcome_file.read_text())
+
+    def kill_9(self, timeout: float) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+        self.process.join(timeout)
+        if self.process.exitcode != -signal.SIGKILL:
+            raise AssertionError(f"run process was not killed by SIGKILL (exit code {self.process.exitcode})")
+
+
 def start_materialize(
     env: dict[str, str],
     selection: list[str],
     brief_id: str,
+    outcome_file: Path,
     *,
     tags: dict[str, str] | None = None,
-    ready: Path | None = None,
-    go: Path | None = None,
-) -> subprocess.Popen[str]:
-    """Start one run process; with `ready`/`go` it touches `ready` once loaded, then waits for `go` to exist."""
-    command = [sys.executable, "-m", __name__, "--select", ",".join(selection), "--partition", brief_id]
-    command += [f"--tag={key}={value}" for key, value in (tags or {}).items()]
-    if ready is not None and go is not None:
-        command += ["--ready", str(ready), "--go", str(go)]
-    return subprocess.Popen(
-        command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    barrier: Barrier | None = None,
+) -> RunProcess:
+    """Start a process that materializes `selection` for one brief; with a barrier, all parties start together."""
+    process = FORK_SERVER.Process(
+        target=_materialize, args=(env, selection, brief_id, outcome_file, tags or {}, barrier), daemon=True
     )
+    process.start()
+    return RunProcess(process, outcome_file)
 
 
-def outcome(process: subprocess.Popen[str], timeout: float) -> dict:
-    """The JSON line a run process printed (it fails the test with the process's stderr when there is none)."""
-    stdout, stderr = process.communicate(timeout=timeout)
-    lines = stdout.strip().splitlines()
-    if process.returncode != 0 or not lines:
-        raise AssertionError(f"run process exited {process.returncode}:\n{stderr[-4000:]}")
-    return json.loads(lines[-1])
+def new_barrier(parties: int) -> Barrier:
+    return FORK_SERVER.Barrier(parties)
+
+
+def _materialize(
+    env: dict[str, str],
+    selection: list[str],
+    brief_id: str,
+    outcome_file: Path,
+    tags: dict[str, str],
+    barrier: Barrier | None,
+) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+    settings = Settings.from_env()
+    with DagsterInstance.get() as instance:
+        if barrier is not None:
+            barrier.wait(BARRIER_TIMEOUT_SECONDS)
+        result = materialize(
+            ASSETS,
+            selection=selection,
+            partition_key=brief_id,
+            instance=instance,
+            resources=build_resources(settings),
+            tags=tags,
+            run_config=QUIET_LOGS,
+            raise_on_error=False,
+        )
+    failure = None if result.success else failure_text(result)
+    outcome_file.write_text(json.dumps({"success": result.success, "run_id": result.run_id, "failure": failure}))
 
 
 def pipeline_definitions() -> Definitions:
@@ -102,35 +156,3 @@ def implicit_asset_job() -> ReconstructableJob:
     definitions), loadable by pointer as a re-execution needs it."""
     location = ReconstructableRepository.for_module(__name__, pipeline_definitions.__name__, str(REPO_ROOT))
     return location.get_reconstructable_job(IMPLICIT_ASSET_JOB_NAME)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--select", required=True, help="comma-separated asset names")
-    parser.add_argument("--partition", required=True)
-    parser.add_argument("--tag", action="append", default=[], help="KEY=VALUE run tag (repeatable)")
-    parser.add_argument("--ready", type=Path)
-    parser.add_argument("--go", type=Path)
-    args = parser.parse_args(argv)
-    settings = Settings.from_env()
-    with DagsterInstance.get() as instance:
-        if args.ready is not None:
-            args.ready.touch()
-            while not args.go.exists():
-                time.sleep(GO_POLL_SECONDS)
-        result = materialize(
-            ASSETS,
-            selection=args.select.split(","),
-            partition_key=args.partition,
-            instance=instance,
-            resources=build_resources(settings),
-            tags=dict(tag.split("=", 1) for tag in args.tag),
-            run_config=QUIET_LOGS,
-            raise_on_error=False,
-        )
-    failure = None if result.success else failure_text(result)
-    print(json.dumps({"success": result.success, "run_id": result.run_id, "failure": failure}), flush=True)
-
-
-if __name__ == "__main__":
-    main()

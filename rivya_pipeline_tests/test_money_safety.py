@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,8 +37,9 @@ from rivya_pipeline_tests.fixtures_emulator import TEST_ACCOUNT, TEST_CREDITS
 from rivya_pipeline_tests.fixtures_pipeline import FAST_LIFECYCLE, SUBMIT_SELECTION, Pipeline, store_requests
 from rivya_pipeline_tests.pipeline_process import (
     IN_PROCESS,
+    RunProcess,
     implicit_asset_job,
-    outcome,
+    new_barrier,
     settings_env,
     start_materialize,
 )
@@ -70,21 +69,15 @@ params:
 """
 
 
-def wait_until(condition: Callable[[], bool], process: subprocess.Popen | None = None, what: str = "") -> None:
-    """Poll until `condition()`; fails at once if the process it waits on has died instead."""
+def wait_until(condition: Callable[[], bool], process: RunProcess, what: str) -> None:
+    """Poll until `condition()`; fails at once if the process it waits on has ended instead."""
     give_up = time.monotonic() + PROCESS_TIMEOUT_SECONDS
     while not condition():
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"run process exited ({process.returncode}) before {what}: {process.stderr.read()}")
+        if process.exited():
+            raise AssertionError(f"the run process ended before {what}: {process.outcome(0)}")
         if time.monotonic() > give_up:
             raise AssertionError(f"gave up waiting for {what}")
         time.sleep(WAIT_POLL_SECONDS)
-
-
-def kill_9(process: subprocess.Popen) -> None:
-    os.kill(process.pid, signal.SIGKILL)
-    process.communicate(timeout=PROCESS_TIMEOUT_SECONDS)
-    assert process.returncode == -signal.SIGKILL
 
 
 def run_env(pipeline: Pipeline) -> dict[str, str]:
@@ -128,19 +121,14 @@ def test_eight_run_processes_with_a_budget_for_three_tasks_create_exactly_three(
     for index, brief_id in enumerate(brief_ids):
         pipeline.write_brief(f"{brief_id}.yaml", race_brief(index))
     pipeline.add_partitions(brief_ids)
-    signals = tmp_path / "signals"
-    signals.mkdir()
-    go = signals / "go"
     env = run_env(pipeline)
+    together = new_barrier(RACERS)  # each process opens its instance, then all 8 start their runs at once
+
     processes = {
-        brief_id: start_materialize(env, SUBMIT_NAMES, brief_id, ready=signals / f"{brief_id}.ready", go=go)
+        brief_id: start_materialize(env, SUBMIT_NAMES, brief_id, tmp_path / f"{brief_id}.json", barrier=together)
         for brief_id in brief_ids
     }
-    for brief_id, process in processes.items():
-        wait_until((signals / f"{brief_id}.ready").exists, process, f"{brief_id} to load")
-
-    go.touch()  # all 8 are loaded and polling for this file: they start their runs within milliseconds
-    outcomes = {brief_id: outcome(process, PROCESS_TIMEOUT_SECONDS) for brief_id, process in processes.items()}
+    outcomes = {brief_id: process.outcome(PROCESS_TIMEOUT_SECONDS) for brief_id, process in processes.items()}
 
     submitted = sorted(b for b, o in outcomes.items() if o["success"])
     refused = {b: o["failure"] for b, o in outcomes.items() if not o["success"]}
@@ -160,15 +148,15 @@ def test_eight_run_processes_with_a_budget_for_three_tasks_create_exactly_three(
 
 
 def test_kill_after_the_create_was_charged_then_the_rerun_reattaches_and_pays_once(
-    pipeline: Pipeline, emulator: RivyaEmulator
+    pipeline: Pipeline, emulator: RivyaEmulator, tmp_path: Path
 ) -> None:
     pipeline.add_partitions([TEXT_BRIEF])
     emulator.set_faults(
         [FaultRule(endpoint="create_generation", kind="lost_response", lost_as="stall", delay=STALL_SECONDS, times=1)]
     )
-    process = start_materialize(run_env(pipeline), SUBMIT_NAMES, TEXT_BRIEF)
+    process = start_materialize(run_env(pipeline), SUBMIT_NAMES, TEXT_BRIEF, tmp_path / "outcome.json")
     wait_until(lambda: emulator.stats()["creates_performed"] == 1, process, "the create")
-    kill_9(process)  # Rivya has created and charged the task; the run never heard the answer
+    process.kill_9(PROCESS_TIMEOUT_SECONDS)  # Rivya has created and charged the task; the run never heard the answer
 
     key = idempotency_key(pipeline, TEXT_BRIEF)
     crashed = pipeline.ledger.get(key)
@@ -186,7 +174,7 @@ def test_kill_after_the_create_was_charged_then_the_rerun_reattaches_and_pays_on
 
 @pytest.mark.parametrize("phase", ["downloading", "uploading"])
 def test_kill_during_the_transfer_leaves_no_object_and_the_next_run_stores_it(
-    make_pipeline, configure_emulator, s3_bucket, phase: str
+    make_pipeline, configure_emulator, s3_bucket, tmp_path: Path, phase: str
 ) -> None:
     emulator = configure_emulator(**FAST_LIFECYCLE, result_min_bytes=RESULT_BYTES)
     pipeline = make_pipeline(s3_chunk_mb=SMALLEST_PART_MB)
@@ -200,13 +188,14 @@ def test_kill_during_the_transfer_leaves_no_object_and_the_next_run_stores_it(
         [FaultRule(endpoint="media", kind="trickle", bytes_per_second=TRICKLE_BYTES_PER_SECOND, times=1)]
     )
 
-    process = start_materialize(run_env(pipeline), ["stored_video"], TEXT_BRIEF, tags=dict(request.tags))
-    if phase == "downloading":  # bytes are flowing, and not one part has reached S3
-        wait_until(lambda: emulator.stats()["media_bytes_served"] >= 1_000_000, process, "the download")
+    outcome_file = tmp_path / "outcome.json"
+    process = start_materialize(run_env(pipeline), ["stored_video"], TEXT_BRIEF, outcome_file, tags=dict(request.tags))
+    if phase == "downloading":  # bytes are flowing; the first part is still seconds away from S3
+        wait_until(lambda: emulator.stats()["media_bytes_served"] > 0, process, "the download")
     else:  # a multipart upload is open and receiving parts
         wait_until(lambda: store.open_multipart_uploads(), process, "the multipart upload")
     open_at_kill = store.open_multipart_uploads()
-    kill_9(process)
+    process.kill_9(PROCESS_TIMEOUT_SECONDS)
 
     assert [key for key, _ in open_at_kill] == ([] if phase == "downloading" else [video_key])
     listed = client.list_objects_v2(Bucket=bucket, Prefix=f"{pipeline.settings.s3_prefix}/{TEXT_BRIEF}/")
