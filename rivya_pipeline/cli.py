@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from .settings import REPO_ROOT, Settings, SettingsError
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 DEMO_DIR = REPO_ROOT / ".demo"
+DEV_SHUTDOWN_GRACE_SECONDS = 5.0
 
 
 def _dagster_home() -> Path:
@@ -121,19 +123,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from .embedded import EmbeddedStack
+    from .embedded import DEFAULT_PORTS, EmbeddedStack
 
     home = _dagster_home()
-    with EmbeddedStack(data_dir=DEMO_DIR):
-        command = [sys.executable, "-m", "dagster", "dev", "-m", "rivya_pipeline.definitions"]
+    chosen = {"api": args.api_port, "media": args.media_port, "s3": args.s3_port}
+    ports = DEFAULT_PORTS | {name: port for name, port in chosen.items() if port is not None}
+    with EmbeddedStack(data_dir=args.data_dir, ports=ports):
+        # The workspace file names the code location `rivya_pipeline`, as plain `dagster dev` does: same UI links.
+        command = [sys.executable, "-m", "dagster", "dev", "-w", str(REPO_ROOT / "workspace.yaml")]
         command += ["-h", args.host, "-p", str(args.port)]
         print(f"Dagster UI on http://{args.host}:{args.port} (DAGSTER_HOME={home}); Ctrl-C stops everything.")
+        # SIGTERM (kill, CI) stops it like Ctrl-C, so the bucket is saved. Setting SIGINT also undoes the "ignored"
+        # SIGINT a background start inherits, which `dagster dev` would pass on to its own SIGTERM handling.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         process = subprocess.Popen(command, cwd=REPO_ROOT)
         try:
             return process.wait()
         except KeyboardInterrupt:
-            process.terminate()
-            return process.wait()
+            try:
+                return process.wait(timeout=DEV_SHUTDOWN_GRACE_SECONDS)  # Ctrl-C reached dagster dev too
+            except subprocess.TimeoutExpired:
+                process.terminate()  # only this process was signalled: stop dagster dev the same way
+                return process.wait()
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -173,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     dev = sub.add_parser("dev", help="the Dagster UI + daemon on the embedded emulator + local S3")
     dev.add_argument("--host", default="127.0.0.1")
     dev.add_argument("--port", type=int, default=3000)
+    dev.add_argument("--api-port", type=int, help="emulator API port (default 8787)")
+    dev.add_argument("--media-port", type=int, help="emulator media host port (default 8788)")
+    dev.add_argument("--s3-port", type=int, help="local S3 server port (default 8789)")
+    dev.add_argument("--data-dir", type=Path, default=DEMO_DIR,
+                     help="where the local S3 bucket is kept between sessions (default: the demo's .demo/)")
     dev.set_defaults(func=cmd_dev)
 
     report = sub.add_parser("report", help="credits spent per day and brief, from the ledger")

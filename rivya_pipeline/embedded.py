@@ -8,6 +8,7 @@ demo are still there when `make dev` opens the UI on the same stack (same ports,
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -22,6 +23,12 @@ from .storage import make_s3_client
 EMBEDDED_API_KEY = "rvya_sk_local_emulator_key"
 EMBEDDED_BUCKET = "rivya-videos"
 DEFAULT_PORTS = {"api": 8787, "media": 8788, "s3": 8789}
+PUBLIC_READ_POLICY = {
+    "Version": "2012-10-17",
+    "Statement": [
+        {"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{EMBEDDED_BUCKET}/*"}
+    ],
+}
 DUMMY_AWS = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -53,6 +60,8 @@ class EmbeddedStack:
         os.environ.update(self.env)  # this process and the ones it starts (dagster dev, runs) use the stack
         self._client = make_s3_client(endpoint_url=s3_url, region="us-east-1")
         self._client.create_bucket(Bucket=EMBEDDED_BUCKET)
+        # The UI's s3_link opens in a browser, which has no AWS credentials; this bucket only listens on 127.0.0.1.
+        self._client.put_bucket_policy(Bucket=EMBEDDED_BUCKET, Policy=json.dumps(PUBLIC_READ_POLICY))
         self._restore_bucket()
         return self
 
