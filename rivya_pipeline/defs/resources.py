@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dagster import ConfigurableResource, DagsterInstance, InitResourceContext
+from dagster_postgres import PostgresRunStorage
 from pydantic import PrivateAttr
 
 from ..briefs import Brief, load_brief_by_id
@@ -43,8 +44,13 @@ class RivyaResource(ConfigurableResource):
 
     def poller(self, ledger: Ledger) -> TaskPoller:
         if self._poll_client is None:
+            # One pool shared by all poll threads, a connection each: a smaller pool makes them queue for sockets.
             self._poll_client = RivyaClient(
-                self.api_key, self.base_url, timeout_seconds=self.timeout_seconds, retry=POLL_RETRY
+                self.api_key,
+                self.base_url,
+                timeout_seconds=self.timeout_seconds,
+                retry=POLL_RETRY,
+                max_connections=self.poll_concurrency,
             )
         return TaskPoller(
             self._poll_client,
@@ -90,14 +96,25 @@ class CreditLimitsResource(ConfigurableResource):
     _ledger: Ledger | None = PrivateAttr(default=None)
 
     def ledger(self, instance: DagsterInstance) -> Ledger:
-        """The ledger lives beside the instance (SQLite in its home) unless `ledger_url` names a database."""
+        """The ledger at `ledger_url`, or else beside the instance's own data (see `default_ledger_url`)."""
         if self._ledger is None:
-            self._ledger = Ledger(self.ledger_url or Ledger.default_url(instance.root_directory))
+            self._ledger = Ledger(self.ledger_url or default_ledger_url(instance))
         return self._ledger
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
         if self._ledger is not None:
             self._ledger.close()
+
+
+def default_ledger_url(instance: DagsterInstance) -> str:
+    """The instance's own PostgreSQL database when it has one, else a SQLite file in its home.
+
+    A Postgres-backed instance is shared by processes on many machines (run pods, Celery workers), where a
+    SQLite file in each DAGSTER_HOME would split one budget into many; its database holds the rivya_* tables too.
+    """
+    if isinstance(instance.run_storage, PostgresRunStorage):
+        return instance.run_storage.postgres_url
+    return Ledger.default_url(instance.root_directory)
 
 
 class VideoStorageResource(ConfigurableResource):

@@ -1,0 +1,299 @@
+"""Scale-out on Dagster's own engine: the production profile (deploy/dagster.yaml) on this machine's PostgreSQL.
+
+Each test gets a fresh database and a DAGSTER_HOME holding the profile verbatim (its DAGSTER_PG_* variables
+point at that database). Several `rivya-pipeline run` processes share the instance at once and must end exactly
+where the same briefs end on SQLite; the ledger follows the instance into PostgreSQL; the profile's run retries
+re-run a dead run worker but never a step that refused to spend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter, materialize
+from dagster._core.storage.tags import RUN_FAILURE_REASON_TAG, WILL_RETRY_TAG
+from dagster._core.test_utils import create_run_for_test
+from sqlalchemy import Connection, create_engine, inspect, text
+from sqlalchemy.exc import OperationalError
+
+from rivya_pipeline.briefs import load_briefs
+from rivya_pipeline.definitions import ASSETS, build_resources
+from rivya_pipeline.defs.resources import CreditLimitsResource, default_ledger_url
+from rivya_pipeline.headless import QUIET_LOGS, HeadlessRun, failure_text
+from rivya_pipeline.ledger import Ledger
+from rivya_pipeline.settings import REPO_ROOT, Settings
+from rivya_pipeline_tests.fixtures_emulator import TEST_API_KEY
+from rivya_pipeline_tests.fixtures_pipeline import FAST_LIFECYCLE, SUBMIT_SELECTION
+
+PROFILE = REPO_ROOT / "deploy" / "dagster.yaml"
+PG_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+LEDGER_TABLES = {"rivya_tasks", "rivya_brief_versions", "rivya_ledger_meta"}
+RUN_TIMEOUT_SECONDS = 60
+
+
+def pg_env(database: str) -> dict[str, str]:
+    """The profile's DAGSTER_PG_* variables for a database on the local server (trust auth: no password)."""
+    return {
+        "DAGSTER_PG_HOST": "127.0.0.1",
+        "DAGSTER_PG_PORT": "5432",
+        "DAGSTER_PG_USER": "postgres",
+        "DAGSTER_PG_PASSWORD": "",
+        "DAGSTER_PG_DB": database,
+    }
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    """A fresh, empty database on the local server (its name), dropped afterwards with whatever still uses it."""
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+    try:
+        conn = admin.connect()
+    except OperationalError as exc:
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is unreachable: {exc.orig}")
+    name = f"rivya_scale_{uuid.uuid4().hex[:12]}"
+    conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield name
+    finally:
+        conn.exec_driver_sql(f'DROP DATABASE "{name}" WITH (FORCE)')
+        conn.close()
+        admin.dispose()
+
+
+@pytest.fixture
+def postgres_home(tmp_path: Path, pg_database: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A DAGSTER_HOME with the production profile, unchanged; this process's DAGSTER_PG_* name the test database."""
+    home = tmp_path / "postgres_home"
+    home.mkdir()
+    shutil.copy(PROFILE, home / "dagster.yaml")
+    for name, value in pg_env(pg_database).items():
+        monkeypatch.setenv(name, value)
+    return home
+
+
+@pytest.fixture
+def postgres_instance(postgres_home: Path) -> Iterator[DagsterInstance]:
+    with DagsterInstance.from_config(str(postgres_home)) as instance:
+        yield instance
+
+
+@contextmanager
+def connected(database: str) -> Iterator[Connection]:
+    """A side connection to `database`, to look at it the way an operator would."""
+    engine = create_engine(PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{database}")
+    try:
+        with engine.connect() as conn:
+            yield conn
+    finally:
+        engine.dispose()
+
+
+def tables_in(database: str) -> set[str]:
+    with connected(database) as conn:
+        return set(inspect(conn).get_table_names())
+
+
+@pytest.mark.postgres
+def test_ledger_follows_a_postgres_instance_into_its_database(postgres_instance, postgres_home, pg_database):
+    ledger = CreditLimitsResource().ledger(postgres_instance)
+    ledger.record_brief_versions({"harbour-dusk": "v1"})
+
+    assert default_ledger_url(postgres_instance) == postgres_instance.run_storage.postgres_url
+    assert tables_in(pg_database) >= LEDGER_TABLES
+    assert "runs" in tables_in(pg_database)  # the same database as Dagster's own tables
+    with connected(pg_database) as conn:
+        assert conn.execute(text("SELECT brief_id FROM rivya_brief_versions")).scalars().all() == ["harbour-dusk"]
+    assert not (postgres_home / "rivya_ledger.sqlite").exists()
+    ledger.close()
+
+
+@pytest.mark.postgres
+def test_an_explicit_ledger_url_wins_over_the_instance_database(postgres_instance, pg_database, tmp_path):
+    url = f"sqlite:///{tmp_path / 'elsewhere.sqlite'}"
+    ledger = CreditLimitsResource(ledger_url=url).ledger(postgres_instance)
+    ledger.record_brief_versions({"harbour-dusk": "v1"})
+
+    assert (tmp_path / "elsewhere.sqlite").exists()
+    assert not LEDGER_TABLES & tables_in(pg_database)
+    ledger.close()
+
+
+def test_ledger_of_a_sqlite_instance_is_still_a_file_in_its_home(dagster_instance):
+    ledger = CreditLimitsResource().ledger(dagster_instance)
+    ledger.record_brief_versions({"harbour-dusk": "v1"})
+
+    assert default_ledger_url(dagster_instance) == Ledger.default_url(dagster_instance.root_directory)
+    assert (Path(dagster_instance.root_directory) / "rivya_ledger.sqlite").exists()
+    ledger.close()
+
+
+# -- several runs at once on PostgreSQL == the same briefs on SQLite ------------------------------------------------
+
+
+def brief_folders(root: Path) -> list[Path]:
+    """A folder per sample file (with its images): three separate `rivya-pipeline run` invocations."""
+    folders = []
+    for sample in sorted((REPO_ROOT / "requests").glob("*.yaml")):
+        folder = root / sample.stem
+        shutil.copytree(REPO_ROOT / "requests" / "images", folder / "images")
+        shutil.copy(sample, folder)
+        folders.append(folder)
+    return folders
+
+
+def run_in_parallel(folders: list[Path], env: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """`rivya-pipeline run --json` on every folder at once, each in its own process: brief id -> outcome."""
+    cli = Path(sys.executable).parent / "rivya-pipeline"
+    command = ["run", "--json", "--timeout", str(RUN_TIMEOUT_SECONDS), "--requests"]
+    processes = [
+        subprocess.Popen(
+            [str(cli), *command, str(folder)],
+            env=env | {"RIVYA_REQUESTS_PATH": str(folder)},  # where the video_brief asset reads the brief again
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for folder in folders
+    ]
+    outcomes: dict[str, dict[str, Any]] = {}
+    for process in processes:
+        out, err = process.communicate(timeout=RUN_TIMEOUT_SECONDS * 2)
+        assert process.returncode == 0, err.decode()
+        outcomes |= json.loads(out)
+    return outcomes
+
+
+def backend_env(home: Path, prefix: str, emulator, s3_endpoint_url: str, bucket: str) -> dict[str, str]:
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("RIVYA_", "DAGSTER_HOME"))}
+    return inherited | {
+        "DAGSTER_HOME": str(home),
+        "RIVYA_API_KEY": TEST_API_KEY,
+        "RIVYA_BASE_URL": emulator.base_url,
+        "RIVYA_ALLOW_LOCAL_MEDIA": "1",
+        "AWS_ENDPOINT_URL_S3": s3_endpoint_url,
+        "RIVYA_S3_BUCKET": bucket,
+        "RIVYA_S3_PREFIX": prefix,
+    }
+
+
+def what_must_not_depend_on_storage(outcomes, instance: DagsterInstance, s3_bucket, emulator) -> dict[str, Any]:
+    """Per brief: status, credits and the stored video's SHA-256 (read back from S3, and as the ledger recorded
+    it); and what Rivya charged. Task ids and run ids differ between deployments by nature."""
+    client, bucket = s3_bucket
+    ledger = Ledger(default_ledger_url(instance))
+    briefs = {}
+    for brief_id, outcome in outcomes.items():
+        key = outcome["s3_uri"].removeprefix(f"s3://{bucket}/")
+        stored = hashlib.sha256(client.get_object(Bucket=bucket, Key=key)["Body"].read()).hexdigest()
+        briefs[brief_id] = {
+            "status": outcome["status"],
+            "final_credits": outcome["final_credits"],
+            "refunded_credits": outcome["refunded_credits"],
+            "sha256": stored,
+            "ledger_sha256": ledger.find_by_task(outcome["task_id"]).stored_sha256,
+        }
+    ledger.close()
+    stats = emulator.stats()
+    charges = sorted((charge["credits"], charge["refunded"]) for charge in stats["charges"])
+    return {"briefs": briefs, "creates": stats["creates_performed"], "charges": charges}
+
+
+def set_pool_limit_up_front(instance: DagsterInstance) -> None:
+    """The deploy step of deploy/README.md, `dagster instance concurrency set rivya_api 4`, as that command does it.
+
+    Left to `pools: default_limit`, the first steps to claim a slot at once create the pool's row together, and
+    on PostgreSQL all but one fail (dagster-io/dagster#33552: the fallback UPDATE runs in an aborted transaction).
+    """
+    instance.event_log_storage.set_concurrency_slots("rivya_api", 4)
+
+
+def run_in_this_process(settings: Settings, instance: DagsterInstance) -> dict[str, dict[str, Any]]:
+    """The baseline: one headless run over the whole briefs folder, as `rivya-pipeline run` does it."""
+    run = HeadlessRun(settings=settings, instance=instance)
+    outcomes = run.run(load_briefs(settings.requests_path), RUN_TIMEOUT_SECONDS)
+    return {outcome.brief_id: dataclasses.asdict(outcome) for outcome in outcomes}
+
+
+def check_postgres_instance_records(instance: DagsterInstance, brief_ids: set[str]) -> None:
+    """Dagster's side on PostgreSQL: a submit run and a store run per brief, all succeeded, every video
+    materialized, and every pool slot given back (a leaked slot would block creates forever)."""
+    runs = instance.get_runs()
+    assert {run.status for run in runs} == {DagsterRunStatus.SUCCESS}
+    assert len(runs) == 2 * len(brief_ids)
+    stored = instance.get_materialized_partitions(AssetKey("stored_video"))
+    assert stored == brief_ids
+    pool = instance.event_log_storage.get_concurrency_info("rivya_api")
+    assert (pool.slot_count, pool.claimed_slots, pool.pending_steps) == (4, [], [])
+
+
+@pytest.mark.postgres
+def test_parallel_runs_on_postgres_end_exactly_like_on_sqlite(
+    tmp_path, postgres_home, pipeline_settings, dagster_instance, emulator, configure_emulator, s3_endpoint_url,
+    s3_bucket,
+):
+    folders = brief_folders(tmp_path / "briefs")
+    sqlite_settings = dataclasses.replace(pipeline_settings, ledger_url=None, s3_prefix="sqlite")
+    on_sqlite = run_in_this_process(sqlite_settings, dagster_instance)
+    sqlite = what_must_not_depend_on_storage(on_sqlite, dagster_instance, s3_bucket, emulator)
+
+    configure_emulator(**FAST_LIFECYCLE)  # a fresh Rivya account for the second deployment
+    with DagsterInstance.from_config(str(postgres_home)) as instance:
+        set_pool_limit_up_front(instance)
+        env = backend_env(postgres_home, "postgres", emulator, s3_endpoint_url, s3_bucket[1])
+        on_postgres = run_in_parallel(folders, env)
+        postgres = what_must_not_depend_on_storage(on_postgres, instance, s3_bucket, emulator)
+        check_postgres_instance_records(instance, set(on_postgres))
+
+    assert postgres == sqlite
+    briefs = postgres["briefs"]
+    assert set(briefs) == {"product-spin", "sunrise-timelapse", "city-morph"}
+    for brief in briefs.values():
+        assert (brief["status"], brief["final_credits"], brief["refunded_credits"]) == ("stored", 90, 0)
+        assert brief["sha256"] == brief["ledger_sha256"]
+    assert postgres["creates"] == len(briefs)  # one paid task per brief
+    assert postgres["charges"] == [(90, False)] * len(briefs)
+
+
+# -- run retries of the profile --------------------------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_profile_re_runs_a_dead_worker_but_never_a_step_that_refused_to_spend(
+    postgres_instance, pg_database, pipeline_settings, emulator
+):
+    settings = dataclasses.replace(pipeline_settings, ledger_url=None, max_credits_per_run=0)
+    postgres_instance.add_dynamic_partitions("briefs", ["product-spin"])
+
+    refused = materialize(
+        ASSETS,
+        selection=SUBMIT_SELECTION,
+        partition_key="product-spin",
+        instance=postgres_instance,
+        resources=build_resources(settings),
+        run_config=QUIET_LOGS,
+        raise_on_error=False,
+    )
+    crashed = create_run_for_test(postgres_instance, status=DagsterRunStatus.STARTED)
+    postgres_instance.report_run_failed(crashed, "Run worker pod gone")  # what run monitoring reports
+
+    refused_run = postgres_instance.get_run_by_id(refused.run_id)
+    assert refused_run.tags[RUN_FAILURE_REASON_TAG] == "STEP_FAILURE"
+    assert refused_run.tags[WILL_RETRY_TAG] == "false"
+    assert postgres_instance.get_run_by_id(crashed.run_id).tags[WILL_RETRY_TAG] == "true"
+    assert emulator.stats()["creates_performed"] == 0
+    failed = postgres_instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.FAILURE]))
+    assert {run.run_id for run in failed} == {refused.run_id, crashed.run_id}
+    assert failure_text(refused).startswith("Not submitted")
+    with connected(pg_database) as conn:  # the ledger that refused lives in the instance's own database
+        assert conn.execute(text("SELECT count(*) FROM rivya_tasks")).scalar() == 0
