@@ -17,9 +17,9 @@ last only for the transaction, and no lock is ever held across a create or a pol
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +30,7 @@ from sqlalchemy import (
     Date,
     Engine,
     and_,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -111,6 +112,20 @@ class TaskRecord:
     stored_uri: str | None
     stored_sha256: str | None
     stored_at: datetime | None
+
+
+@dataclass(frozen=True)
+class StatusUpdate:
+    """What one status poll saw, for `Ledger.update_statuses`."""
+
+    task_id: str
+    status: str
+    final_credits: int
+    refunded_credits: int
+    polled_at: datetime
+    next_poll_at: datetime | None = None  # None: stop polling (terminal, or lost)
+    error_code: str | None = None
+    error_message: str | None = None
 
 
 _RECORD_FIELDS = tuple(f.name for f in fields(TaskRecord))
@@ -395,28 +410,52 @@ class Ledger:
         next_poll_at: datetime | None = None,
         polled_at: datetime,
     ) -> None:
-        """Record one poll. A stale poll that reports queued/processing never undoes a terminal status."""
-        conditions = [tasks.c.task_id == task_id]
-        if status in POLLABLE_STATUSES:
-            conditions.append(tasks.c.status.not_in(TERMINAL_STATUSES))
-        with self._engine.begin() as conn:
-            updated = conn.execute(
-                update(tasks)
-                .where(*conditions)
-                .values(
-                    status=status,
-                    final_credits=final_credits,
-                    refunded_credits=refunded_credits,
-                    error_code=error_code,
-                    error_message=error_message,
-                    next_poll_at=next_poll_at,
-                    last_polled_at=polled_at,
-                    poll_count=tasks.c.poll_count + 1,
-                    updated_at=polled_at,
+        """Record one poll (see `update_statuses`)."""
+        self.update_statuses(
+            [
+                StatusUpdate(
+                    task_id, status, final_credits, refunded_credits, polled_at, next_poll_at, error_code, error_message
                 )
-            )
-            if updated.rowcount == 0:
-                self._require_task(conn, task_id)
+            ]
+        )
+
+    def update_statuses(self, updates: Sequence[StatusUpdate]) -> None:
+        """Record many polls in one transaction and one executemany per kind of update.
+
+        A sensor tick records up to a thousand polls: a commit per poll made the ledger the slowest part
+        of the tick, and one statement per poll made the writing thread queue for the GIL once per row
+        while the poll threads held it. A stale poll that reports queued/processing never undoes a
+        terminal status.
+        """
+        if not updates:
+            return
+        statement = update(tasks).values(
+            status=bindparam("new_status"),
+            final_credits=bindparam("final_credits"),
+            refunded_credits=bindparam("refunded_credits"),
+            error_code=bindparam("error_code"),
+            error_message=bindparam("error_message"),
+            next_poll_at=bindparam("next_poll_at"),
+            last_polled_at=bindparam("polled_at"),
+            poll_count=tasks.c.poll_count + 1,
+            updated_at=bindparam("polled_at"),
+        )
+        by_task = tasks.c.task_id == bindparam("polled_task_id")
+        pending = [asdict(u) for u in updates if u.status in POLLABLE_STATUSES]
+        final = [asdict(u) for u in updates if u.status not in POLLABLE_STATUSES]
+        for rows in (pending, final):
+            for row in rows:
+                row["polled_task_id"], row["new_status"] = row.pop("task_id"), row.pop("status")
+        with self._engine.begin() as conn:
+            if pending:
+                not_terminal = and_(*(tasks.c.status != status for status in TERMINAL_STATUSES))  # executemany: no IN
+                conn.execute(statement.where(by_task, not_terminal), pending)
+            if final:
+                conn.execute(statement.where(by_task), final)
+            ids = {u.task_id for u in updates}
+            known = set(conn.execute(select(tasks.c.task_id).where(tasks.c.task_id.in_(ids))).scalars())
+            if ids - known:
+                raise LookupError(f"no ledger row for task(s) {', '.join(sorted(ids - known))}")
 
     def mark_timed_out(self, task_id: str, now: datetime) -> None:
         """Stop polling a task that passed its deadline: it is reported, not polled forever.

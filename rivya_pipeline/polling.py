@@ -8,19 +8,22 @@ side effect is a ledger update keyed by task id, so a call that dies half-way is
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from pyrate_limiter import Duration, Limiter, Rate
 
-from .ledger import Ledger, TaskRecord
+from .ledger import Ledger, StatusUpdate, TaskRecord
 from .rivya import GenerationTask, NotFound, RivyaClient, RivyaError
 
 log = logging.getLogger(__name__)
 
 FIRST_POLL_SECONDS = 2.5
+# Answers recorded per ledger transaction: one commit per task made the ledger the slowest part of a tick.
+WRITE_BATCH = 100
 
 
 def next_poll_delay(age_seconds: float) -> float:
@@ -54,7 +57,55 @@ class PollReport:
         return [(r, t) for r, t in self.changed if t.status == "failed"]
 
 
+_limiters: dict[tuple[str, int], Limiter] = {}
+_limiters_lock = threading.Lock()
+
+
+def poll_rate_limiter(base_url: str, requests_per_second: float) -> Limiter:
+    """The one place the poll rate is enforced: a sliding window per API and rate, shared by every poll thread
+    of this process. Shared across pollers too: the sensor builds its resources (so a poller) anew on every
+    tick, and back-to-back ticks with a window each could together send twice the rate."""
+    key = (base_url, max(1, int(requests_per_second)))
+    with _limiters_lock:
+        if key not in _limiters:
+            _limiters[key] = Limiter(Rate(key[1], Duration.SECOND))
+        return _limiters[key]
+
+
+@dataclass
+class _TickBudget:
+    """A poll starts only if, at the pace of the slowest poll and the slowest ledger write seen so far in this
+    call, it can be answered and recorded within the budget: what is in flight when time runs out must not
+    carry the call past it."""
+
+    deadline: float
+    slowest_poll_seconds: float = 0.0
+    slowest_write_seconds: float = 0.0
+
+    def left_for_next_poll(self) -> float:
+        return self.deadline - time.monotonic() - self.slowest_poll_seconds - self.slowest_write_seconds
+
+    def polled(self, seconds: float) -> None:
+        self.slowest_poll_seconds = max(self.slowest_poll_seconds, seconds)
+
+    def wrote(self, seconds: float) -> None:
+        self.slowest_write_seconds = max(self.slowest_write_seconds, seconds)
+
+
+@dataclass(frozen=True)
+class _Polled:
+    """One answered (or failed) status request, handed from a worker thread to the writer."""
+
+    record: TaskRecord
+    polled_at: datetime
+    task: GenerationTask | None
+    error: RivyaError | None
+
+
 class TaskPoller:
+    """Polls due tasks with `concurrency` worker threads sharing one client (one connection pool) and one
+    rate limiter; the calling thread records the answers in the ledger, a batch per transaction."""
+
     def __init__(
         self,
         client: RivyaClient,
@@ -66,11 +117,10 @@ class TaskPoller:
         self._client = client
         self._ledger = ledger
         self._concurrency = concurrency
-        # The one place the poll rate is enforced: a sliding window shared by every worker thread.
-        self._limiter = Limiter(Rate(max(1, int(requests_per_second)), Duration.SECOND))
+        self._limiter = poll_rate_limiter(client.base_url, requests_per_second)
 
     def poll_due(self, *, max_tasks: int = 1000, time_budget_seconds: float = 20.0) -> PollReport:
-        started = time.monotonic()
+        budget = _TickBudget(deadline=time.monotonic() + time_budget_seconds)
         now = datetime.now(UTC)
         report = PollReport()
         due = self._ledger.due_for_poll(now, limit=max_tasks)
@@ -82,53 +132,69 @@ class TaskPoller:
             else:
                 to_poll.append(record)
 
-        def poll(record: TaskRecord) -> None:
-            if time.monotonic() - started > time_budget_seconds:
-                report.stopped_early = True
-                return
-            self._limiter.try_acquire("poll")
-            self._poll_one(record, report)
-
         with ThreadPoolExecutor(max_workers=self._concurrency, thread_name_prefix="rivya-poll") as pool:
-            list(pool.map(poll, to_poll))
+            futures = [pool.submit(self._fetch, record, budget) for record in to_poll]
+            batch: list[StatusUpdate] = []
+            for future in as_completed(futures):
+                polled = future.result()
+                if polled is None:
+                    report.stopped_early = True
+                    continue
+                batch.append(self._status_update(polled, report))
+                if len(batch) >= WRITE_BATCH:
+                    self._write(batch, budget)
+                    batch = []
+            self._write(batch, budget)
         return report
 
-    def _poll_one(self, record: TaskRecord, report: PollReport) -> None:
-        polled_at = datetime.now(UTC)
+    def _write(self, batch: list[StatusUpdate], budget: _TickBudget) -> None:
+        started = time.monotonic()
+        self._ledger.update_statuses(batch)
+        budget.wrote(time.monotonic() - started)
+
+    def _fetch(self, record: TaskRecord, budget: _TickBudget) -> _Polled | None:
+        """In a worker thread: wait for the rate limiter, then ask for the task; None when out of time."""
+        left = budget.left_for_next_poll()
+        if left <= 0 or not self._limiter.try_acquire("poll", timeout=left):
+            return None
+        polled_at, started = datetime.now(UTC), time.monotonic()
         try:
-            task = self._client.get_generation(record.task_id)
-        except NotFound as exc:
-            # The API no longer knows the task (another account's key, or it expired): stop polling it.
-            self._ledger.update_status(
-                record.task_id, status="failed", final_credits=0, refunded_credits=0,
-                error_code=exc.code, error_message=exc.message, next_poll_at=None, polled_at=polled_at,
-            )
-            report.lost.append(record)
-            return
+            task, error = self._client.get_generation(record.task_id), None
         except RivyaError as exc:
-            log.warning("poll of task %s failed, retrying next pass: %s", record.task_id, exc)
-            self._ledger.update_status(
-                record.task_id, status=record.status, final_credits=record.final_credits,
-                refunded_credits=record.refunded_credits, next_poll_at=polled_at + timedelta(seconds=10),
-                polled_at=polled_at,
+            task, error = None, exc
+        budget.polled(time.monotonic() - started)
+        return _Polled(record, polled_at, task, error)
+
+    def _status_update(self, polled: _Polled, report: PollReport) -> StatusUpdate:
+        record, polled_at, task = polled.record, polled.polled_at, polled.task
+        if isinstance(polled.error, NotFound):
+            # The API no longer knows the task (another account's key, or it expired): stop polling it.
+            report.lost.append(record)
+            return StatusUpdate(
+                record.task_id, "failed", 0, 0, polled_at,
+                error_code=polled.error.code, error_message=polled.error.message,
             )
-            report.errors.append((record, exc))
-            return
+        if task is None:  # a transient failure: asked again on the next pass
+            log.warning("poll of task %s failed, retrying next pass: %s", record.task_id, polled.error)
+            report.errors.append((record, polled.error))
+            return StatusUpdate(
+                record.task_id, record.status, record.final_credits, record.refunded_credits, polled_at,
+                next_poll_at=polled_at + timedelta(seconds=10),
+            )
         report.polled += 1
-        age = (polled_at - record.submitted_at).total_seconds()
-        next_poll = None if task.is_terminal else polled_at + timedelta(seconds=next_poll_delay(age))
-        self._ledger.update_status(
-            record.task_id,
-            status=task.status,
-            final_credits=task.final_credits,
-            refunded_credits=task.refunded_credits,
-            error_code=task.error.code if task.error else None,
-            error_message=task.error.message if task.error else None,
-            next_poll_at=next_poll,
-            polled_at=polled_at,
-        )
         if task.status != record.status:
             report.changed.append((record, task))
+        age = (polled_at - record.submitted_at).total_seconds()
+        return StatusUpdate(
+            record.task_id,
+            task.status,
+            task.final_credits,
+            task.refunded_credits,
+            polled_at,
+            next_poll_at=None if task.is_terminal else polled_at + timedelta(seconds=next_poll_delay(age)),
+            error_code=task.error.code if task.error else None,
+            error_message=task.error.message if task.error else None,
+        )
 
 
 class TaskDeadlineExceeded(Exception):

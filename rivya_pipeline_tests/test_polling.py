@@ -1,0 +1,153 @@
+"""The poller against the emulator over HTTP and a real ledger: what a pass records, what it never asks
+again, how it stops at its time budget, and that one rate window holds across the pollers of one process."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from rivya_pipeline.emulator import FAIL_MARKER, FaultRule, RivyaEmulator
+from rivya_pipeline.ledger import CreditLimits, Ledger, StatusUpdate
+from rivya_pipeline.polling import TaskPoller
+from rivya_pipeline.rivya import RetryPolicy, RivyaClient
+from rivya_pipeline_tests.fixtures_emulator import TEST_API_KEY
+
+BODY = {"model": "kling-3-0", "prompt": "A kite over a beach.", "params": {"duration": "5"}}
+NO_RETRY = RetryPolicy(max_attempts=1)
+FAST = {"requests_per_second": 1000, "concurrency": 8}
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
+    ledger = Ledger(Ledger.default_url(tmp_path))
+    yield ledger
+    ledger.close()
+
+
+@pytest.fixture
+def client(emulator: RivyaEmulator) -> Iterator[RivyaClient]:
+    with RivyaClient(TEST_API_KEY, emulator.base_url, retry=NO_RETRY) as client:
+        yield client
+
+
+def record_due(ledger: Ledger, task_id: str, key: str) -> None:
+    """Track `task_id` as a submitted task whose first poll is due now."""
+    now = datetime.now(UTC)
+    ledger.begin_submit(
+        idempotency_key=key, brief_id="brief", run_id="run", model="kling-3-0", price_credits=90,
+        body=BODY, limits=CreditLimits(), wallet_credits=None,
+    )
+    ledger.record_task(
+        key, task_id=task_id, status="queued", reserved_credits=90, final_credits=0,
+        deadline_at=now + timedelta(hours=1), next_poll_at=now - timedelta(seconds=1),
+    )
+
+
+@pytest.fixture
+def submit(client: RivyaClient, ledger: Ledger) -> Callable[..., list[str]]:
+    """`submit(count, prompt=...)`: creates tasks on the emulator and tracks them as due; returns their ids."""
+
+    def submit(count: int, prompt: str = BODY["prompt"]) -> list[str]:
+        ids = []
+        for _ in range(count):
+            key = f"key-{uuid.uuid4().hex}"
+            task = client.create_generation(BODY | {"prompt": prompt}, idempotency_key=key)
+            record_due(ledger, task.id, key)
+            ids.append(task.id)
+        return ids
+
+    return submit
+
+
+def polls(emulator: RivyaEmulator) -> int:
+    return emulator.stats()["requests"].get("get_generation", 0)
+
+
+def test_a_pass_records_every_change_and_never_asks_again_about_terminal_tasks(
+    configure_emulator, client, ledger, submit
+):
+    emulator = configure_emulator(queued_seconds=0, processing_seconds=0)
+    ok = submit(3)
+    (doomed,) = submit(1, prompt=f"A kite {FAIL_MARKER}")
+    poller = TaskPoller(client, ledger, **FAST)
+
+    report = poller.poll_due()
+    again = poller.poll_due()
+
+    assert report.polled == 4 and not report.errors and not report.stopped_early
+    assert sorted(t.id for _, t in report.succeeded) == sorted(ok)
+    assert [t.id for _, t in report.failed] == [doomed]
+    assert {ledger.find_by_task(i).status for i in ok} == {"succeeded"}
+    assert ledger.find_by_task(doomed).error_code == "generation_failed"
+    assert all(ledger.find_by_task(i).next_poll_at is None for i in [*ok, doomed])
+    assert again.polled == 0 and polls(emulator) == 4  # terminal tasks cost no further status calls
+
+
+def test_a_task_the_api_does_not_know_is_reported_lost_and_dropped(emulator, client, ledger):
+    record_due(ledger, "task_unknown_to_the_api", "key-lost")
+
+    report = TaskPoller(client, ledger, **FAST).poll_due()
+
+    assert [r.task_id for r in report.lost] == ["task_unknown_to_the_api"]
+    record = ledger.find_by_task("task_unknown_to_the_api")
+    assert (record.status, record.error_code, record.next_poll_at) == ("failed", "not_found", None)
+
+
+def test_a_failed_poll_leaves_the_task_pending_and_asks_again_later(configure_emulator, client, ledger, submit):
+    emulator = configure_emulator(queued_seconds=60)
+    (task_id,) = submit(1)
+    emulator.set_faults([FaultRule(endpoint="get_generation", kind="server_error", times=1)])
+
+    report = TaskPoller(client, ledger, **FAST).poll_due()
+
+    assert [r.task_id for r, _ in report.errors] == [task_id] and report.polled == 0
+    record = ledger.find_by_task(task_id)
+    assert record.status == "queued" and record.poll_count == 1
+    assert record.next_poll_at - record.last_polled_at == timedelta(seconds=10)
+
+
+def test_a_pass_stops_at_its_time_budget_and_the_rest_stay_due_for_the_next(
+    configure_emulator, client, ledger, submit
+):
+    configure_emulator(queued_seconds=60)
+    submit(12)
+    poller = TaskPoller(client, ledger, requests_per_second=4, concurrency=4)
+
+    first = poller.poll_due(time_budget_seconds=1.0)
+    due_after = ledger.due_for_poll(datetime.now(UTC), limit=100)
+
+    assert first.stopped_early and 0 < first.polled < 12
+    assert len(due_after) == 12 - first.polled
+    assert all(r.last_polled_at is None for r in due_after)  # untouched: exactly the ones not reached
+
+
+def test_pollers_of_one_api_share_one_rate_window(configure_emulator, client, ledger, submit):
+    """The sensor builds a new poller on every tick: back-to-back ticks must not get a fresh window each."""
+    configure_emulator(queued_seconds=60)
+    submit(10)
+    rate = 5
+
+    first = TaskPoller(client, ledger, requests_per_second=rate, concurrency=5).poll_due(max_tasks=5)
+    started = time.monotonic()
+    second = TaskPoller(client, ledger, requests_per_second=rate, concurrency=5).poll_due(max_tasks=5)
+    waited = time.monotonic() - started
+
+    assert first.polled == second.polled == 5
+    assert waited >= 0.8  # the window is full of the first poller's 5 requests for about a second
+
+
+def test_a_batch_naming_an_unknown_task_records_nothing(emulator, ledger, submit):
+    (known,) = submit(1)
+    now = datetime.now(UTC)
+
+    with pytest.raises(LookupError, match="task_nowhere"):
+        ledger.update_statuses(
+            [StatusUpdate(known, "processing", 0, 0, now), StatusUpdate("task_nowhere", "processing", 0, 0, now)]
+        )
+
+    assert ledger.find_by_task(known).poll_count == 0
