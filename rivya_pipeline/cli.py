@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from .briefs import Brief, BriefErrors, load_briefs
@@ -71,13 +71,15 @@ def _dry_run(briefs: list[Brief], as_json: bool) -> int:
     return EXIT_OK
 
 
-def _execute(briefs: list[Brief], timeout: float, as_json: bool) -> int:
+def _execute(briefs: list[Brief], requests: Path, timeout: float, as_json: bool) -> int:
     from dagster import DagsterInstance
 
     from .headless import HeadlessRun
 
     _dagster_home()
-    outcomes = HeadlessRun(settings=Settings.from_env(), instance=DagsterInstance.get()).run(briefs, timeout)
+    # The runs read each brief again from the folder the briefs were loaded from, whatever RIVYA_REQUESTS_PATH says.
+    settings = replace(Settings.from_env(), requests_path=requests.resolve())
+    outcomes = HeadlessRun(settings=settings, instance=DagsterInstance.get()).run(briefs, timeout)
     if as_json:
         print(json.dumps({o.brief_id: asdict(o) for o in outcomes}, indent=2))
     else:
@@ -95,7 +97,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(briefs, args.json)
     if os.environ.get("RIVYA_API_KEY"):
-        return _execute(briefs, args.timeout, args.json)
+        return _execute(briefs, args.requests, args.timeout, args.json)
     if os.environ.get("RIVYA_BASE_URL"):
         print("RIVYA_BASE_URL is set but RIVYA_API_KEY is not: refusing to guess a key.", file=sys.stderr)
         return EXIT_INVALID
@@ -104,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print("RIVYA_API_KEY is not set: using the embedded local emulator and S3 server (nothing is billed).",
           file=sys.stderr)
     with EmbeddedStack(data_dir=DEMO_DIR):
-        return _execute(briefs, args.timeout, args.json)
+        return _execute(briefs, args.requests, args.timeout, args.json)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -112,11 +114,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     for name in ("RIVYA_API_KEY", "RIVYA_BASE_URL", "AWS_ENDPOINT_URL_S3", "RIVYA_S3_BUCKET", "RIVYA_LEDGER_URL"):
         os.environ.pop(name, None)  # the demo never touches a real API or bucket
-    briefs = _load(REPO_ROOT / "requests")
+    requests = REPO_ROOT / "requests"
+    briefs = _load(requests)
     if briefs is None:
         return EXIT_INVALID
     with EmbeddedStack(data_dir=DEMO_DIR):
-        code = _execute(briefs, args.timeout, as_json=False)
+        code = _execute(briefs, requests, args.timeout, as_json=False)
     print(f"\nVideos are in the embedded S3 bucket, saved between sessions under {DEMO_DIR / 's3'}.")
     print("Open the Dagster UI on the same stack (instance, emulator, S3):  make dev")
     return code
