@@ -28,9 +28,10 @@ from dagster import (
 
 from rivya_pipeline.briefs import load_brief_by_id
 from rivya_pipeline.definitions import ASSETS, build_resources
-from rivya_pipeline.defs.assets import TASK_TAG, briefs_partitions, generation_task
+from rivya_pipeline.defs.assets import TASK_TAG, briefs_partitions, generation_task, reference_uploads, video_brief
 from rivya_pipeline.emulator import FAIL_MARKER, FaultRule, RivyaEmulator
-from rivya_pipeline.headless import QUIET_LOGS, failure_text
+from rivya_pipeline.headless import QUIET_LOGS, HeadlessRun, failure_text
+from rivya_pipeline.rivya import RetryPolicy as ClientRetryPolicy
 from rivya_pipeline.storage import VideoStore, make_s3_client
 from rivya_pipeline_tests import test_ledger
 from rivya_pipeline_tests.fixtures_emulator import TEST_ACCOUNT, TEST_CREDITS
@@ -48,7 +49,9 @@ from rivya_pipeline_tests.test_ledger import Backend
 # The ledger test's backends (a SQLite file, a fresh PostgreSQL schema), as a fixture of this module too.
 ledger_backend = test_ledger.backend
 KLING_PRICE = 90
-SUBMIT_NAMES = ["video_brief", "reference_uploads", "generation_task"]
+SUBMIT_NAMES = [asset.key.to_user_string() for asset in SUBMIT_SELECTION]
+UNPAID_STEPS = [video_brief, reference_uploads]  # everything before the paid create
+CLIENT_ATTEMPTS = ClientRetryPolicy().max_attempts  # what the Rivya resource's client tries per call
 RACERS = 8
 AFFORDABLE_TASKS = 3
 PROCESS_TIMEOUT_SECONDS = 120
@@ -101,11 +104,11 @@ def charges(emulator: RivyaEmulator) -> list[tuple[str, int]]:
 def ambiguous_create_faults() -> list[FaultRule]:
     """Every attempt of the client's retry loop fails, and one of them was performed (charged) with its answer lost.
 
-    The five 429s carry Retry-After: 0, so the loop runs out in no time; the sixth attempt creates the task and
-    the connection drops before the answer: the run cannot know whether it paid.
+    The 429s carry Retry-After: 0, so the loop runs out in no time; its last attempt creates the task and the
+    connection drops before the answer: the run cannot know whether it paid.
     """
     return [
-        FaultRule(endpoint="create_generation", kind="rate_limited", retry_after=0, times=5),
+        FaultRule(endpoint="create_generation", kind="rate_limited", retry_after=0, times=CLIENT_ATTEMPTS - 1),
         FaultRule(endpoint="create_generation", kind="lost_response", lost_as="drop_connection", times=1),
     ]
 
@@ -236,7 +239,7 @@ def test_dagster_reexecution_of_a_run_whose_create_outcome_is_unknown_resends_an
 
     assert not failed.success
     assert failure_text(failed).startswith("Outcome of the create is unknown (transport_error")
-    assert emulator.stats()["requests"]["create_generation"] == 6  # the client's whole retry loop
+    assert emulator.stats()["requests"]["create_generation"] == CLIENT_ATTEMPTS  # the client's whole retry loop
     assert len(charges(emulator)) == 1
     key = idempotency_key(pipeline, REFERENCE_BRIEF)
     assert pipeline.ledger.get(key).status == "submitting"
@@ -279,7 +282,7 @@ def test_step_retry_after_an_unknown_create_outcome_resends_and_pays_once(
     pipeline: Pipeline, emulator: RivyaEmulator
 ) -> None:
     pipeline.add_partitions([TEXT_BRIEF])
-    pipeline.materialize(SUBMIT_SELECTION[:2], TEXT_BRIEF)
+    pipeline.materialize(UNPAID_STEPS, TEXT_BRIEF)
     emulator.set_faults(ambiguous_create_faults())
 
     result = run_with_step_retries(pipeline, TEXT_BRIEF)
@@ -299,7 +302,7 @@ def wallet_too_small(pipeline: Pipeline, emulator: RivyaEmulator) -> Callable[[]
 def uploads_forgotten(pipeline: Pipeline, emulator: RivyaEmulator) -> Callable[[], None]:
     """Rivya no longer knows the uploaded references (an expired file): its validation refuses the create."""
     emulator.reset()
-    return lambda: pipeline.materialize(SUBMIT_SELECTION[:2], REFERENCE_BRIEF)
+    return lambda: pipeline.materialize(UNPAID_STEPS, REFERENCE_BRIEF)
 
 
 @pytest.mark.parametrize(
@@ -312,7 +315,7 @@ def test_a_refused_create_is_not_retried_and_releases_its_reservation(
 ) -> None:
     pipeline = make_pipeline(max_credits_per_day=KLING_PRICE)  # room for exactly the one task
     pipeline.add_partitions([REFERENCE_BRIEF])
-    pipeline.materialize(SUBMIT_SELECTION[:2], REFERENCE_BRIEF)
+    pipeline.materialize(UNPAID_STEPS, REFERENCE_BRIEF)
     repair = break_it(pipeline, emulator)
 
     refused = run_with_step_retries(pipeline, REFERENCE_BRIEF)
@@ -349,12 +352,15 @@ params:
 
     again = pipeline.materialize([generation_task], "doomed-lantern", raise_on_error=False)
     whole = pipeline.submit("doomed-lantern", raise_on_error=False)
+    headless = HeadlessRun(settings=pipeline.settings, instance=pipeline.instance)  # `rivya-pipeline run`
+    (reported,) = headless.run([load_brief_by_id(pipeline.requests_path, "doomed-lantern")], timeout_seconds=5)
 
     for result in (again, whole):
         assert not result.success
         text = failure_text(result)
         assert f"Task {first['task_id']} for brief 'doomed-lantern' had failed (generation_failed)" in text
         assert "Bump `regenerate`" in text
+    assert (reported.status, reported.task_id, reported.refunded_credits) == ("failed", first["task_id"], KLING_PRICE)
     assert emulator.stats()["creates_performed"] == 1
 
     path.write_text(brief + "regenerate: 1\n", encoding="utf-8")
