@@ -149,7 +149,7 @@ def load_brief_by_id(folder: Path, brief_id: str, *, model_specs: Mapping[str, M
     could not be read, those problems are raised, since the brief may sit in one of them.
     """
     folder = Path(folder)
-    briefs, errors = _read_folder(folder, model_specs)
+    briefs, errors = _read_folder(folder, model_specs) if model_specs else _read_folder_cached(folder)
     own_errors = [e for e in errors if e.brief_id == brief_id]
     if own_errors:
         raise BriefErrors(own_errors)
@@ -170,6 +170,40 @@ def _read_folder(folder: Path, model_specs: Mapping[str, ModelInfo] | None) -> t
     for path in files:
         reader.read_file(path)
     return reader.briefs, reader.errors
+
+
+# The last reading of each folder, with the state it was read in (see _folder_state).
+_last_reading: dict[Path, tuple[tuple[Any, ...], tuple[list[Brief], list[BriefError]]]] = {}
+
+
+def _folder_state(folder: Path) -> tuple[Any, ...]:
+    """What a reading of `folder` depends on: every brief file's bytes, and the size and modification time of
+    every other file (the reference images, which can only live inside the folder)."""
+    state = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if path.suffix in (".yaml", ".yml"):
+            state.append((path, path.read_bytes()))
+        else:
+            stat = path.stat()
+            state.append((path, stat.st_size, stat.st_mtime_ns))
+    return tuple(state)
+
+
+def _read_folder_cached(folder: Path) -> tuple[list[Brief], list[BriefError]]:
+    """`_read_folder` with the built-in catalog, read again only when the folder changed.
+
+    Every run of a brief's partition looks its brief up by id, and a lookup has to read the whole folder
+    (ids are unique across it): without this, N briefs cost N full readings, quadratic in YAML parsing.
+    """
+    if not folder.is_dir():
+        return _read_folder(folder, None)
+    state = _folder_state(folder)
+    last = _last_reading.get(folder)
+    if last is not None and last[0] == state:
+        return last[1]
+    reading = _read_folder(folder, None)
+    _last_reading[folder] = (state, reading)
+    return reading
 
 
 class _FolderReader:
