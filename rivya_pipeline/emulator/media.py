@@ -54,10 +54,10 @@ def build_media_app(state: EmulatorState) -> Starlette:
             step = max(1, bytes_per_second // 10 if bytes_per_second else len(chunk))
             for start in range(0, len(chunk), step):
                 piece = chunk[start : start + step]
+                if bytes_per_second:  # before the bytes go out, so the last one arrives no sooner than the pace
+                    await asyncio.sleep(len(piece) / bytes_per_second)
                 yield piece
                 state.record_media_bytes(len(piece))
-                if bytes_per_second:
-                    await asyncio.sleep(len(piece) / bytes_per_second)
 
     def uploaded_file(file_id: str, bytes_per_second: int | None) -> Response:
         stored = state.file_content(file_id)
