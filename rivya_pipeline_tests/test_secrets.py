@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 from dagster import DagsterInstance
@@ -28,6 +25,7 @@ from rivya_pipeline.headless import HeadlessRun
 from rivya_pipeline.settings import REPO_ROOT
 from rivya_pipeline_tests.fixtures_emulator import TEST_ACCOUNT
 from rivya_pipeline_tests.fixtures_pipeline import FAST_LIFECYCLE, SAMPLE_BRIEFS
+from rivya_pipeline_tests.test_cli import EXIT_FAILED, cli_env, run_cli
 
 CANARY_SECRET = "CANARY_7f3a9c"  # noqa: S105 - a marker to search for, accepted only by the emulator
 CANARY_KEY = f"rvya_sk_{CANARY_SECRET}"
@@ -146,21 +144,17 @@ def test_cli_run_leaves_the_key_nowhere(tmp_path, configure_emulator, s3_bucket,
     shutil.copytree(REPO_ROOT / "requests", requests)
     (requests / "doomed.yaml").write_text(DOOMED_BRIEF)
     home = tmp_path / "dagster_home"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RIVYA_", "DAGSTER_"))} | {
-        "RIVYA_API_KEY": CANARY_KEY,
-        "RIVYA_BASE_URL": emulator.base_url,
-        "RIVYA_ALLOW_LOCAL_MEDIA": "1",
-        "RIVYA_S3_BUCKET": s3_bucket[1],
-        "AWS_ENDPOINT_URL_S3": s3_endpoint_url,
-        "DAGSTER_HOME": str(home),
-    }
-
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "rivya-pipeline"), "run", "--json", "--requests", str(requests)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    env = cli_env(
+        api_key=CANARY_KEY,
+        base_url=emulator.base_url,
+        bucket=s3_bucket[1],
+        s3_endpoint_url=s3_endpoint_url,
+        dagster_home=home,
     )
 
-    assert done.returncode == 1, done.stderr
+    done = run_cli(["run", "--json", "--requests", str(requests)], env, tmp_path)
+
+    assert done.returncode == EXIT_FAILED, done.stderr
     outcomes = json.loads(done.stdout)
     assert sorted(o["status"] for o in outcomes.values()) == ["failed", "store_failed", "stored", "stored"]
     assert CANARY_SECRET not in done.stdout + done.stderr

@@ -1,0 +1,196 @@
+"""`rivya-pipeline run` as a user runs it: a subprocess, pointed at the emulator and the S3 server by environment.
+
+The emulator's request counters are the witness: invalid input and `--dry-run` must reach it zero times
+(RIVYA_BASE_URL and RIVYA_API_KEY point at it, so any call would be counted).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from rivya_pipeline.emulator import FAIL_MARKER
+from rivya_pipeline.settings import REPO_ROOT
+from rivya_pipeline_tests.fixtures_emulator import TEST_API_KEY
+from rivya_pipeline_tests.fixtures_pipeline import FAST_LIFECYCLE, SAMPLE_BRIEFS
+
+RIVYA_PIPELINE = Path(sys.executable).parent / "rivya-pipeline"
+KLING_PRICE = 90
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+ONE_PIXEL_GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
+
+# name -> (files of the folder, one (file, brief id or None, field, part of the rule) per expected error line)
+MALFORMED = {
+    "unknown model": (
+        {"a.yaml": "id: unknown-model\nmodel: kling-9-9\nprompt: A lighthouse at dusk.\n"},
+        [("a.yaml", "unknown-model", "model", "unknown model 'kling-9-9'")],
+    ),
+    "three references": (
+        {"b.yaml": "id: three-refs\nprompt: A city at night.\n"
+                   "references: [images/product.png, images/city-day.jpg, images/city-night.webp]\n"},
+        [("b.yaml", "three-refs", "references", "3 given")],
+    ),
+    "GIF reference": (
+        {"c.yaml": "id: gif-ref\nprompt: A spinning logo.\nreferences: [logo.gif]\n", "logo.gif": ONE_PIXEL_GIF},
+        [("c.yaml", "gif-ref", "references[0]", "image/gif")],
+    ),
+    "duration 16": (
+        {"d.yaml": "id: too-long\nprompt: A slow pan over a harbour.\nparams: {duration: 16}\n"},
+        [("d.yaml", "too-long", "params.duration", "got 16")],
+    ),
+    "duplicate id across files": (
+        {"e.yaml": "id: twice\nprompt: A cat on a fence.\n", "f.yaml": "id: twice\nprompt: A dog in the sea.\n"},
+        [("f.yaml", "twice", "id", "e.yaml")],
+    ),
+    "YAML syntax error": (  # the file cannot be parsed, so there is no brief id to name
+        {"g.yaml": 'id: broken\nprompt: "never closed\nparams: {duration: 5\n'},
+        [("g.yaml", None, "yaml", "syntax error")],
+    ),
+}
+
+
+def cli_env(*, api_key: str, base_url: str, bucket: str, s3_endpoint_url: str, dagster_home: Path) -> dict[str, str]:
+    """This process's environment without any RIVYA_/DAGSTER_ setting, then pointed at the test stack."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RIVYA_", "DAGSTER_"))}
+    return env | {
+        "RIVYA_API_KEY": api_key,
+        "RIVYA_BASE_URL": base_url,
+        "RIVYA_ALLOW_LOCAL_MEDIA": "1",
+        "RIVYA_S3_BUCKET": bucket,
+        "AWS_ENDPOINT_URL_S3": s3_endpoint_url,
+        "DAGSTER_HOME": str(dagster_home),
+    }
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(RIVYA_PIPELINE), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture
+def cli(tmp_path, configure_emulator, s3_bucket, s3_endpoint_url) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """`cli("run", "--requests", path)`: the command against the emulator (fast lifecycle) and the test bucket."""
+    emulator = configure_emulator(**FAST_LIFECYCLE)
+    env = cli_env(
+        api_key=TEST_API_KEY,
+        base_url=emulator.base_url,
+        bucket=s3_bucket[1],
+        s3_endpoint_url=s3_endpoint_url,
+        dagster_home=tmp_path / "dagster_home",
+    )
+    return lambda *args: run_cli(list(args), env, tmp_path)
+
+
+def sample_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "requests"
+    shutil.copytree(REPO_ROOT / "requests", folder)
+    return folder
+
+
+def bucket_keys(s3_bucket) -> list[str]:
+    client, bucket = s3_bucket
+    return [item["Key"] for item in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
+
+
+def assert_nothing_reached_rivya_or_s3(emulator, s3_bucket) -> None:
+    stats = emulator.stats()
+    assert stats["requests"] == {}
+    assert (stats["creates_performed"], stats["uploads_performed"]) == (0, 0)
+    assert bucket_keys(s3_bucket) == []
+
+
+def write_folder(folder: Path, files: dict[str, str | bytes]) -> None:
+    """Adds `files` (text or bytes) to `folder`, beside a copy of the sample images."""
+    shutil.copytree(REPO_ROOT / "requests" / "images", folder / "images", dirs_exist_ok=True)
+    for name, content in files.items():
+        path = folder / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content, encoding="utf-8")
+
+
+@pytest.mark.parametrize("case", [*MALFORMED, "all of them at once"])
+def test_malformed_folder_exits_2_with_one_line_per_problem_and_spends_nothing(
+    case, tmp_path, cli, emulator, s3_bucket
+):
+    cases = [MALFORMED[case]] if case in MALFORMED else list(MALFORMED.values())
+    folder = tmp_path / "briefs"
+    for files, _ in cases:
+        write_folder(folder, files)
+    problems = sorted(problem for _, case_problems in cases for problem in case_problems)
+
+    done = cli("run", "--requests", str(folder))
+
+    assert done.returncode == EXIT_INVALID
+    header, *lines = done.stderr.splitlines()
+    assert header == f"Invalid briefs ({len(problems)}); nothing was submitted:"
+    for line, (file, brief_id, field, rule) in zip(sorted(lines), problems, strict=True):
+        where = f"{folder / file}: brief '{brief_id}'" if brief_id else str(folder / file)
+        assert line.startswith(f"  {where}: {field}: "), line
+        assert rule in line
+    assert done.stdout == ""
+    assert_nothing_reached_rivya_or_s3(emulator, s3_bucket)
+
+
+def test_dry_run_prices_the_samples_and_calls_nothing(tmp_path, cli, emulator, s3_bucket):
+    folder = sample_folder(tmp_path)
+
+    table = cli("run", "--requests", str(folder), "--dry-run")
+    as_json = cli("run", "--requests", str(folder), "--dry-run", "--json")
+
+    assert (table.returncode, as_json.returncode) == (EXIT_OK, EXIT_OK)
+    for brief_id in SAMPLE_BRIEFS:
+        assert brief_id in table.stdout
+    assert f"{len(SAMPLE_BRIEFS)} task(s) would cost {KLING_PRICE * len(SAMPLE_BRIEFS)} credits" in table.stdout
+    report = json.loads(as_json.stdout)
+    assert report["dry_run"] is True
+    assert report["total_credits"] == 270
+    assert sorted((row["brief"], row["credits"]) for row in report["briefs"]) == [
+        (brief_id, KLING_PRICE) for brief_id in sorted(SAMPLE_BRIEFS)
+    ]
+    assert_nothing_reached_rivya_or_s3(emulator, s3_bucket)
+
+
+def test_run_json_stores_the_samples_and_exits_0(tmp_path, cli, emulator, s3_bucket):
+    done = cli("run", "--json", "--requests", str(sample_folder(tmp_path)))
+
+    assert done.returncode == EXIT_OK, done.stderr
+    outcomes = json.loads(done.stdout)
+    assert set(outcomes) == set(SAMPLE_BRIEFS)
+    charged = {c["task_id"] for c in emulator.stats()["charges"] if not c["refunded"]}
+    assert {o["task_id"] for o in outcomes.values()} == charged
+    bucket = s3_bucket[1]
+    for brief_id, outcome in outcomes.items():
+        assert outcome["status"] == "stored"
+        assert outcome["s3_uri"] == f"s3://{bucket}/videos/{brief_id}/{outcome['task_id']}.mp4"
+        assert (outcome["reserved_credits"], outcome["final_credits"], outcome["refunded_credits"]) == (
+            KLING_PRICE, KLING_PRICE, 0
+        )
+    assert sorted(bucket_keys(s3_bucket)) == sorted(
+        o["s3_uri"].removeprefix(f"s3://{bucket}/").removesuffix(".mp4") + ext
+        for o in outcomes.values() for ext in (".mp4", ".json")
+    )
+
+
+def test_run_with_a_failing_brief_exits_1_and_reports_its_code_and_refund(tmp_path, cli, emulator):
+    folder = tmp_path / "doomed"
+    write_folder(folder, {"doomed.yaml": f'id: doomed-vase\nprompt: "A vase falling {FAIL_MARKER}"\n'})
+
+    done = cli("run", "--json", "--requests", str(folder))
+
+    assert done.returncode == EXIT_FAILED
+    outcome = json.loads(done.stdout)["doomed-vase"]
+    (charge,) = emulator.stats()["charges"]
+    assert (outcome["status"], outcome["task_id"], charge["refunded"]) == ("failed", charge["task_id"], True)
+    assert outcome["error"].startswith("generation_failed")
+    assert (outcome["final_credits"], outcome["refunded_credits"], outcome["s3_uri"]) == (0, KLING_PRICE, None)
