@@ -12,8 +12,9 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dagster import (
@@ -72,6 +73,21 @@ params:
 """
 
 
+@pytest.fixture
+def start_run() -> Iterator[Callable[..., RunProcess]]:
+    """`start_materialize`, with every process it started and that still runs when the test ends killed."""
+    started: list[RunProcess] = []
+
+    def start(*args: Any, **kwargs: Any) -> RunProcess:
+        started.append(start_materialize(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    for run in started:
+        run.process.kill()  # a no-op for one that has ended
+        run.process.join(PROCESS_TIMEOUT_SECONDS)
+
+
 def wait_until(condition: Callable[[], bool], process: RunProcess, what: str) -> None:
     """Poll until `condition()`; fails at once if the process it waits on has ended instead."""
     give_up = time.monotonic() + PROCESS_TIMEOUT_SECONDS
@@ -117,7 +133,7 @@ def ambiguous_create_faults() -> list[FaultRule]:
 
 
 def test_eight_run_processes_with_a_budget_for_three_tasks_create_exactly_three(
-    make_pipeline, emulator: RivyaEmulator, ledger_backend: Backend, tmp_path: Path
+    make_pipeline, emulator: RivyaEmulator, ledger_backend: Backend, start_run, tmp_path: Path
 ) -> None:
     pipeline = make_pipeline(ledger_url=ledger_backend.url, max_credits_per_day=AFFORDABLE_TASKS * KLING_PRICE)
     brief_ids = [f"race-{i}" for i in range(RACERS)]
@@ -128,7 +144,7 @@ def test_eight_run_processes_with_a_budget_for_three_tasks_create_exactly_three(
     together = new_barrier(RACERS)  # each process opens its instance, then all 8 start their runs at once
 
     processes = {
-        brief_id: start_materialize(env, SUBMIT_NAMES, brief_id, tmp_path / f"{brief_id}.json", barrier=together)
+        brief_id: start_run(env, SUBMIT_NAMES, brief_id, tmp_path / f"{brief_id}.json", barrier=together)
         for brief_id in brief_ids
     }
     outcomes = {brief_id: process.outcome(PROCESS_TIMEOUT_SECONDS) for brief_id, process in processes.items()}
@@ -151,13 +167,13 @@ def test_eight_run_processes_with_a_budget_for_three_tasks_create_exactly_three(
 
 
 def test_kill_after_the_create_was_charged_then_the_rerun_reattaches_and_pays_once(
-    pipeline: Pipeline, emulator: RivyaEmulator, tmp_path: Path
+    pipeline: Pipeline, emulator: RivyaEmulator, start_run, tmp_path: Path
 ) -> None:
     pipeline.add_partitions([TEXT_BRIEF])
     emulator.set_faults(
         [FaultRule(endpoint="create_generation", kind="lost_response", lost_as="stall", delay=STALL_SECONDS, times=1)]
     )
-    process = start_materialize(run_env(pipeline), SUBMIT_NAMES, TEXT_BRIEF, tmp_path / "outcome.json")
+    process = start_run(run_env(pipeline), SUBMIT_NAMES, TEXT_BRIEF, tmp_path / "outcome.json")
     wait_until(lambda: emulator.stats()["creates_performed"] == 1, process, "the create")
     process.kill_9(PROCESS_TIMEOUT_SECONDS)  # Rivya has created and charged the task; the run never heard the answer
 
@@ -177,7 +193,7 @@ def test_kill_after_the_create_was_charged_then_the_rerun_reattaches_and_pays_on
 
 @pytest.mark.parametrize("phase", ["downloading", "uploading"])
 def test_kill_during_the_transfer_leaves_no_object_and_the_next_run_stores_it(
-    make_pipeline, configure_emulator, s3_bucket, tmp_path: Path, phase: str
+    make_pipeline, configure_emulator, s3_bucket, start_run, tmp_path: Path, phase: str
 ) -> None:
     emulator = configure_emulator(**FAST_LIFECYCLE, result_min_bytes=RESULT_BYTES)
     pipeline = make_pipeline(s3_chunk_mb=SMALLEST_PART_MB)
@@ -192,7 +208,7 @@ def test_kill_during_the_transfer_leaves_no_object_and_the_next_run_stores_it(
     )
 
     outcome_file = tmp_path / "outcome.json"
-    process = start_materialize(run_env(pipeline), ["stored_video"], TEXT_BRIEF, outcome_file, tags=dict(request.tags))
+    process = start_run(run_env(pipeline), ["stored_video"], TEXT_BRIEF, outcome_file, tags=dict(request.tags))
     if phase == "downloading":  # bytes are flowing; the first part is still seconds away from S3
         wait_until(lambda: emulator.stats()["media_bytes_served"] > 0, process, "the download")
     else:  # a multipart upload is open and receiving parts
