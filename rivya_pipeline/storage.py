@@ -113,6 +113,10 @@ class VideoStore:
         self._transfer_config = TransferConfig(
             multipart_threshold=chunk_bytes, multipart_chunksize=chunk_bytes, max_concurrency=max_concurrency
         )
+        # A stream (not a file) is uploaded from parts read into memory: s3transfer keeps up to 10 by default
+        # (80 MiB at 8 MiB) whatever the concurrency. No more than can be in flight, so memory stays at about
+        # (max_concurrency + 1) parts.
+        self._transfer_config.max_in_memory_upload_chunks = max_concurrency
 
     def video_key(self, brief_id: str, task_id: str) -> str:
         return self._key(brief_id, task_id, "mp4")

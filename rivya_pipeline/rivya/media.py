@@ -78,7 +78,8 @@ class MediaStream:
         while not self._exhausted and (size is None or size < 0 or len(self._pending) < size):
             self._pull_chunk()
         take = len(self._pending) if size is None or size < 0 else min(size, len(self._pending))
-        data = bytes(self._pending[:take])
+        with memoryview(self._pending) as pending:
+            data = bytes(pending[:take])  # one copy: slicing the bytearray itself would make a second one
         del self._pending[:take]
         self._hash.update(data)
         self.bytes_read += len(data)
