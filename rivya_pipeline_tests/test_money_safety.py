@@ -2,12 +2,14 @@
 opinion of itself: a budget shared by parallel run processes, kill -9 at the worst moments, Dagster's own retries
 and re-executions, refusals that must not be repeated, and failed generations that must not be bought again.
 
-Run processes are real OS processes (rivya_pipeline_tests/pipeline_process.py) on one Dagster instance and one
-ledger; they reach the emulator, which runs in this test process, over HTTP.
+Run processes are real OS processes (rivya_pipeline_tests/pipeline_process.py) sharing one Dagster instance (SQLite,
+or PostgreSQL with the production profile) and its ledger; they reach the emulator, which runs in this test process,
+over HTTP.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,6 +22,7 @@ import pytest
 from dagster import (
     AssetKey,
     DagsterEventType,
+    DagsterInstance,
     Definitions,
     ReexecutionOptions,
     RetryPolicy,
@@ -30,11 +33,13 @@ from dagster import (
 from rivya_pipeline.briefs import load_brief_by_id
 from rivya_pipeline.definitions import ASSETS, build_resources
 from rivya_pipeline.defs.assets import TASK_TAG, briefs_partitions, generation_task, reference_uploads, video_brief
+from rivya_pipeline.defs.resources import default_ledger_url
 from rivya_pipeline.emulator import FAIL_MARKER, FaultRule, RivyaEmulator
 from rivya_pipeline.headless import QUIET_LOGS, HeadlessRun, failure_text
 from rivya_pipeline.rivya import RetryPolicy as ClientRetryPolicy
+from rivya_pipeline.settings import Settings
 from rivya_pipeline.storage import VideoStore, make_s3_client
-from rivya_pipeline_tests import test_ledger
+from rivya_pipeline_tests import test_scaleout
 from rivya_pipeline_tests.fixtures_emulator import TEST_ACCOUNT, TEST_CREDITS
 from rivya_pipeline_tests.fixtures_pipeline import FAST_LIFECYCLE, SUBMIT_SELECTION, Pipeline, store_requests
 from rivya_pipeline_tests.pipeline_process import (
@@ -45,10 +50,12 @@ from rivya_pipeline_tests.pipeline_process import (
     settings_env,
     start_materialize,
 )
-from rivya_pipeline_tests.test_ledger import Backend
 
-# The ledger test's backends (a SQLite file, a fresh PostgreSQL schema), as a fixture of this module too.
-ledger_backend = test_ledger.backend
+# A fresh PostgreSQL database holding an instance of the production profile (deploy/dagster.yaml), as in the
+# scale-out tests, whose fixtures are this module's too.
+pg_database = test_scaleout.pg_database
+postgres_home = test_scaleout.postgres_home
+postgres_instance = test_scaleout.postgres_instance
 KLING_PRICE = 90
 SUBMIT_NAMES = [asset.key.to_user_string() for asset in SUBMIT_SELECTION]
 UNPAID_STEPS = [video_brief, reference_uploads]  # everything before the paid create
@@ -71,6 +78,13 @@ prompt: Paper boat number {index} drifting down a rain-filled gutter, seen from 
 params:
   duration: 3
 """
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def shared_instance(request: pytest.FixtureRequest, dagster_instance: DagsterInstance) -> DagsterInstance:
+    """The Dagster instance every run process opens, and with it the default ledger (no RIVYA_LEDGER_URL): a SQLite
+    file in its home, or the tables beside Dagster's own in its PostgreSQL database."""
+    return dagster_instance if request.param == "sqlite" else request.getfixturevalue("postgres_instance")
 
 
 @pytest.fixture
@@ -99,9 +113,9 @@ def wait_until(condition: Callable[[], bool], process: RunProcess, what: str) ->
         time.sleep(WAIT_POLL_SECONDS)
 
 
-def run_env(pipeline: Pipeline) -> dict[str, str]:
-    """The environment of a run process of this pipeline (the API key is already in os.environ)."""
-    return {**os.environ, **settings_env(pipeline.settings), "DAGSTER_HOME": pipeline.instance.root_directory}
+def run_env(settings: Settings, instance: DagsterInstance) -> dict[str, str]:
+    """The environment of a run process (the API key and any DAGSTER_PG_* are already in os.environ)."""
+    return {**os.environ, **settings_env(settings), "DAGSTER_HOME": instance.root_directory}
 
 
 def idempotency_key(pipeline: Pipeline, brief_id: str) -> str:
@@ -133,14 +147,24 @@ def ambiguous_create_faults() -> list[FaultRule]:
 
 
 def test_eight_run_processes_with_a_budget_for_three_tasks_create_exactly_three(
-    make_pipeline, emulator: RivyaEmulator, ledger_backend: Backend, start_run, tmp_path: Path
+    pipeline_settings: Settings,
+    shared_instance: DagsterInstance,
+    emulator: RivyaEmulator,
+    start_run,
+    tmp_path: Path,
 ) -> None:
-    pipeline = make_pipeline(ledger_url=ledger_backend.url, max_credits_per_day=AFFORDABLE_TASKS * KLING_PRICE)
+    settings = dataclasses.replace(
+        pipeline_settings, ledger_url=None, max_credits_per_day=AFFORDABLE_TASKS * KLING_PRICE
+    )
+    # This process reads the ledger where the default put it; the run processes are given no ledger URL at all.
+    pipeline = Pipeline(
+        dataclasses.replace(settings, ledger_url=default_ledger_url(shared_instance)), shared_instance, emulator
+    )
     brief_ids = [f"race-{i}" for i in range(RACERS)]
     for index, brief_id in enumerate(brief_ids):
         pipeline.write_brief(f"{brief_id}.yaml", race_brief(index))
     pipeline.add_partitions(brief_ids)
-    env = run_env(pipeline)
+    env = run_env(settings, shared_instance)
     together = new_barrier(RACERS)  # each process opens its instance, then all 8 start their runs at once
 
     processes = {
@@ -159,8 +183,11 @@ def test_eight_run_processes_with_a_budget_for_three_tasks_create_exactly_three(
     assert stats["creates_performed"] == AFFORDABLE_TASKS
     assert [credits for _, credits in charges(emulator)] == [KLING_PRICE] * AFFORDABLE_TASKS
     assert stats["wallets"][TEST_ACCOUNT] == TEST_CREDITS - AFFORDABLE_TASKS * KLING_PRICE
-    assert sorted(pipeline.ledger.latest_for_brief(b).brief_id for b in submitted) == submitted
+    assert sorted(pipeline.ledger.latest_for_brief(b).task_id for b in submitted) == sorted(
+        task_id for task_id, _ in charges(emulator)
+    )
     assert [pipeline.ledger.latest_for_brief(b) for b in refused] == [None] * len(refused)  # still pending
+    pipeline.ledger.close()
 
 
 # -- kill -9 -------------------------------------------------------------------------------------------------
@@ -173,7 +200,8 @@ def test_kill_after_the_create_was_charged_then_the_rerun_reattaches_and_pays_on
     emulator.set_faults(
         [FaultRule(endpoint="create_generation", kind="lost_response", lost_as="stall", delay=STALL_SECONDS, times=1)]
     )
-    process = start_run(run_env(pipeline), SUBMIT_NAMES, TEXT_BRIEF, tmp_path / "outcome.json")
+    env = run_env(pipeline.settings, pipeline.instance)
+    process = start_run(env, SUBMIT_NAMES, TEXT_BRIEF, tmp_path / "outcome.json")
     wait_until(lambda: emulator.stats()["creates_performed"] == 1, process, "the create")
     process.kill_9(PROCESS_TIMEOUT_SECONDS)  # Rivya has created and charged the task; the run never heard the answer
 
@@ -207,8 +235,8 @@ def test_kill_during_the_transfer_leaves_no_object_and_the_next_run_stores_it(
         [FaultRule(endpoint="media", kind="trickle", bytes_per_second=TRICKLE_BYTES_PER_SECOND, times=1)]
     )
 
-    outcome_file = tmp_path / "outcome.json"
-    process = start_run(run_env(pipeline), ["stored_video"], TEXT_BRIEF, outcome_file, tags=dict(request.tags))
+    env = run_env(pipeline.settings, pipeline.instance)
+    process = start_run(env, ["stored_video"], TEXT_BRIEF, tmp_path / "outcome.json", tags=dict(request.tags))
     if phase == "downloading":  # bytes are flowing; the first part is still seconds away from S3
         wait_until(lambda: emulator.stats()["media_bytes_served"] > 0, process, "the download")
     else:  # a multipart upload is open and receiving parts
