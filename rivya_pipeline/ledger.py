@@ -80,6 +80,14 @@ class BudgetExceeded(Exception):
         return self.message
 
 
+class StaleSubmission(Exception):
+    """A create whose answer was lost is older than Rivya's idempotency window: resending could pay twice."""
+
+
+# Rivya keeps idempotency keys for 24 h; past that a resent body would be a new, paid task.
+RESEND_WINDOW = timedelta(hours=23)
+
+
 @dataclass(frozen=True)
 class SubmitDecision:
     action: Literal["new", "reattach", "resend"]
@@ -241,6 +249,7 @@ class Ledger:
         - A row with a task id: "reattach" to that task; nothing is checked or reserved again.
         - A row without one: an earlier attempt crashed or lost its answer; "resend" its stored body under
           the same key (Rivya returns the original task and charges nothing twice). Its price already counts.
+          Past RESEND_WINDOW Rivya may have forgotten the key, so that raises StaleSubmission instead.
         - No row: check the caps, insert a "submitting" row and answer "new".
 
         The wallet (an HTTP GET) is read inside the lock, and only when a floor is set. That serializes
@@ -256,11 +265,19 @@ class Ledger:
         now = now or utc_now()
         with self._serialized() as conn:
             row = conn.execute(
-                select(tasks.c.task_id, tasks.c.body).where(tasks.c.idempotency_key == idempotency_key)
+                select(tasks.c.task_id, tasks.c.body, tasks.c.submitted_at).where(
+                    tasks.c.idempotency_key == idempotency_key
+                )
             ).first()
             if row is not None:
                 if row.task_id is not None:
                     return SubmitDecision("reattach", idempotency_key, json.loads(row.body), row.task_id)
+                if now - row.submitted_at > RESEND_WINDOW:
+                    raise StaleSubmission(
+                        f"the create sent at {row.submitted_at:%Y-%m-%d %H:%M}Z never got an answer and is past "
+                        "Rivya's 24 h idempotency window, so resending it could pay twice; check the task list in "
+                        "Rivya, then bump `regenerate` in the brief to submit anew"
+                    )
                 return SubmitDecision("resend", idempotency_key, json.loads(row.body), None)
             self._check_limits(conn, run_id=run_id, price=price_credits, limits=limits, wallet=wallet_credits, now=now)
             conn.execute(

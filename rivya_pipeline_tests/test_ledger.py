@@ -20,7 +20,15 @@ import pytest
 from sqlalchemy import create_engine, make_url, text, update
 from sqlalchemy.exc import OperationalError, StatementError
 
-from rivya_pipeline.ledger import SUBMIT_LOCK_ID, BudgetExceeded, CreditLimits, Ledger, SubmitDecision
+from rivya_pipeline.ledger import (
+    RESEND_WINDOW,
+    SUBMIT_LOCK_ID,
+    BudgetExceeded,
+    CreditLimits,
+    Ledger,
+    StaleSubmission,
+    SubmitDecision,
+)
 from rivya_pipeline.ledger_schema import ledger_meta
 
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432/test"
@@ -169,6 +177,15 @@ def test_a_key_without_task_id_resends_the_first_body_without_a_new_check(ledger
     assert again.task_id is None
     assert json.dumps(again.body) == json.dumps(first)  # same keys, same order, same values
     assert ledger.count_by_status() == {"submitting": 1}  # nothing reserved twice
+
+
+def test_a_lost_create_older_than_the_idempotency_window_is_not_resent(ledger: Ledger) -> None:
+    submit(ledger, "key-1")
+    assert submit(ledger, "key-1", now=T0 + RESEND_WINDOW).action == "resend"
+
+    with pytest.raises(StaleSubmission, match="24 h idempotency window.*regenerate"):
+        submit(ledger, "key-1", now=T0 + RESEND_WINDOW + timedelta(seconds=1))
+    assert ledger.count_by_status() == {"submitting": 1}  # kept, so its price still counts and it is not retried
 
 
 def test_a_key_with_task_id_reattaches_without_a_new_check(ledger: Ledger) -> None:

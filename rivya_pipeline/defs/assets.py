@@ -25,7 +25,7 @@ from dagster import (
 
 from ..briefs import Brief
 from ..delivery import deliver_video
-from ..ledger import BudgetExceeded
+from ..ledger import BudgetExceeded, StaleSubmission
 from ..polling import FIRST_POLL_SECONDS, TaskDeadlineExceeded, wait_for_terminal
 from ..rivya import FileObject, NotFound, RivyaError
 from .resources import BriefsResource, CreditLimitsResource, RivyaResource, VideoStorageResource
@@ -143,7 +143,7 @@ def generation_task(
             limits=credit_limits.limits(),
             wallet_credits=client.get_credits,
         )
-    except BudgetExceeded as exc:
+    except (BudgetExceeded, StaleSubmission) as exc:
         raise Failure(f"Not submitted: {exc}", allow_retries=False) from None
     task = submit_or_reattach(client, ledger, decision, credit_limits.task_deadline_minutes)
     if task.status == "failed":
