@@ -7,6 +7,8 @@ the number of parts in flight, never by the video's size. S3's own multipart che
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import json
 import re
@@ -23,6 +25,9 @@ from botocore.config import Config
 # S3 rejects multipart parts under 5 MiB (except the last); s3transfer would silently raise smaller
 # part sizes to this, breaking our promise that no read exceeds chunk_bytes.
 MIN_PART_BYTES = 5 * 1024**2
+
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
+_MMAP_THRESHOLD_BYTES = 1024**2
 
 _BRIEF_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -78,6 +83,22 @@ class _ProgressTotal:
             self._report(self._total)
 
 
+@functools.cache
+def _map_large_buffers_on_their_own() -> None:
+    """Give every buffer of 1 MiB or more its own memory mapping, returned to the OS when it is freed.
+
+    Multipart parts are multi-MiB buffers that one thread allocates and another frees. glibc raises its mmap
+    threshold to the size of the first such buffer freed and serves the rest from its heaps, where freed parts
+    stay resident and fragment: a 1 GiB upload grew the process by ~90 MB and still growing with the size,
+    against ~45 MB with the threshold fixed. Process-wide, once; nothing happens off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+
+
 def _normalized_prefix(prefix: str) -> str:
     segments = prefix.strip("/").split("/") if prefix.strip("/") else []
     for segment in segments:
@@ -105,6 +126,7 @@ class VideoStore:
     ) -> None:
         if chunk_bytes < MIN_PART_BYTES:
             raise ValueError(f"chunk_bytes must be at least {MIN_PART_BYTES} (S3's smallest multipart part)")
+        _map_large_buffers_on_their_own()
         self._s3 = s3_client
         self.bucket = bucket
         self.prefix = _normalized_prefix(prefix)
