@@ -18,6 +18,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check .
+	.ci/ensure-chromium
 	$(BIN)/pytest
 
 dev: setup
