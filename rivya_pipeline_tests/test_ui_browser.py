@@ -252,7 +252,7 @@ def test_materialize_one_partition_from_the_ui(page: Page, dev_stack: DevStack) 
     assert outcome.inner_text() == "Success", f"{run_path} ended {outcome.inner_text()}; see test-output/ui/dev.log"
     expect(page.get_by_text(f"partition: {partition}")).to_be_visible()
 
-    # The stored video's partition page: task id, a working S3 link, duration and resolution.
+    # The stored video's partition page: task id, prompt, credits, a working S3 link, duration and resolution.
     page.goto(f"/assets/stored_video?view=partitions&partition={partition}")
     expect(page.get_by_text("Materialized", exact=True).first).to_be_visible()
     task_id = metadata_row(page, "task_id").locator("td").nth(1).inner_text().strip()
@@ -263,6 +263,7 @@ def test_materialize_one_partition_from_the_ui(page: Page, dev_stack: DevStack) 
     expect(metadata_row(page, "duration_seconds")).to_contain_text(str(brief["params"]["duration"]))
     expect(metadata_row(page, "resolution")).to_contain_text(re.compile(r"\d+x\d+"))
     expect(metadata_row(page, "final_credits")).to_contain_text("90")
+    expect(metadata_row(page, "prompt")).to_contain_text(brief["prompt"][:40])
     screenshot(page, "05-partition-stored_video")
 
     # Clicking the S3 link opens the video in a new tab; the bytes behind it are the stored MP4.

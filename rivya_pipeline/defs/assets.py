@@ -291,18 +291,20 @@ def stored_video(
         task.id, uri=delivery.video.uri, sha256=delivery.video.sha256
     )
     return MaterializeResult(
-        metadata=stored_video_metadata(delivery, task),
+        metadata=stored_video_metadata(delivery, task, handle),
         check_results=stored_video_checks(delivery, handle),
     )
 
 
-def stored_video_metadata(delivery, task) -> dict[str, Any]:
+def stored_video_metadata(delivery, task, handle: TaskHandle) -> dict[str, Any]:
+    """The stored video's partition page says what the video shows (the prompt), not only where it is."""
     probe = delivery.probe
     return {
         "s3_uri": delivery.video.uri,
         "s3_link": MetadataValue.url(delivery.video.console_url),
         "sidecar": delivery.sidecar.uri,
         "task_id": task.id,
+        "prompt": handle.prompt,
         "final_credits": task.final_credits,
         "bytes": delivery.video.size_bytes,
         "sha256": delivery.video.sha256,
