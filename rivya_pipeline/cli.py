@@ -20,6 +20,7 @@ from .settings import REPO_ROOT, Settings, SettingsError
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 DEMO_DIR = REPO_ROOT / ".demo"
+BENCHMARKS = ("poll", "transfer", "e2e", "calls")  # rivya_pipeline/bench/runner.py runs them in this order
 DEV_SHUTDOWN_GRACE_SECONDS = 5.0
 
 
@@ -164,6 +165,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.runner import run_benchmarks
+
+    names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
+    return run_benchmarks(names, quick=args.quick, as_json=args.json)
+
+
 def cmd_emulator(args: argparse.Namespace) -> int:
     from .emulator.cli import serve
 
@@ -198,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="credits spent per day and brief, from the ledger")
     report.add_argument("--json", action="store_true")
     report.set_defaults(func=cmd_report)
+
+    bench = sub.add_parser("bench", help="the scale benchmarks, each against its baseline, on a local emulator + S3")
+    bench.add_argument("benchmark", choices=[*BENCHMARKS, "all"])
+    bench.add_argument("--json", action="store_true", help="print one JSON object keyed by benchmark name")
+    bench.add_argument("--quick", action="store_true", help="a small, fast version (CI: they run, figures are sane)")
+    bench.set_defaults(func=cmd_bench)
 
     emulator = sub.add_parser("emulator", help="run the local Rivya emulator (see --help of the subcommand)",
                               add_help=False)

@@ -1,0 +1,73 @@
+"""`rivya-pipeline bench all --json --quick`, as CI runs it: every benchmark runs and reports the issue's keys
+with figures that hang together. Correctness only: no speed goal is asserted (machines here are shared and
+noisy; the full benchmark and its goals are in the README)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rivya_pipeline.bench import calls, e2e, poll, transfer
+
+ISSUE_KEYS = {
+    "poll": {"tick_seconds", "sequential_seconds", "speedup", "max_observed_rps"},
+    "transfer": {"peak_rss_mb", "mb_per_s", "baseline_mb_per_s", "ratio"},
+    "e2e": {"pipeline_seconds", "bare_seconds", "ratio"},
+    "calls": {"polls_per_task"},
+}
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    done = subprocess.run(
+        [sys.executable, "-m", "rivya_pipeline.cli", "bench", "all", "--json", "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)  # stdout is the JSON object alone: progress goes to stderr
+
+
+def test_one_object_keyed_by_benchmark_with_the_issue_keys(report):
+    assert list(report) == ["poll", "transfer", "e2e", "calls"]
+    for name, keys in ISSUE_KEYS.items():
+        assert keys <= set(report[name]), name
+        assert isinstance(report[name]["goals_met"], bool)
+
+
+def test_poll_polls_every_due_task_once_within_the_rate(report):
+    figures = report["poll"]
+    assert figures["tick_polled"] == poll.QUICK["tick_tasks"]
+    assert figures["sequential_seconds"] > 0 and figures["tick_seconds"] > 0
+    assert figures["speedup"] == pytest.approx(figures["sequential_seconds"] / figures["tick_seconds"], rel=0.02)
+    assert 0 < figures["max_observed_rps"] <= figures["configured_rps"]
+    assert figures["backlog_tasks"] == poll.QUICK["backlog_tasks"] and figures["backlog_unpolled"] == 0
+    assert figures["backlog_ticks"] >= 1 and figures["backlog_max_observed_rps"] <= figures["configured_rps"]
+
+
+def test_transfer_stores_the_whole_video_intact(report):
+    figures = report["transfer"]
+    assert figures["bytes"] == transfer.QUICK_BYTES
+    assert figures["sha256_matches"] and figures["decodable"]
+    assert figures["peak_rss_mb"] >= figures["rss_before_transfer_mb"] > 0
+    assert figures["ratio"] == pytest.approx(figures["mb_per_s"] / figures["baseline_mb_per_s"], rel=0.02)
+
+
+def test_e2e_stores_every_brief_on_both_sides(report):
+    figures = report["e2e"]
+    assert figures["pipeline_stored"] == figures["bare_stored"] == e2e.QUICK_BRIEFS
+    assert figures["ratio"] == pytest.approx(figures["pipeline_seconds"] / figures["bare_seconds"], rel=0.02)
+
+
+def test_calls_follow_the_cadence_and_never_ask_about_ended_tasks(report):
+    figures = report["calls"]
+    assert figures["tasks"] == calls.QUICK["tasks"]
+    # 2.5 s, then every 10 s: a 60 s task is over by the 7th call; late ticks only ever make fewer calls.
+    assert 1 <= figures["polls_per_task"] <= figures["max_polls_for_a_task"] <= 7
+    assert figures["polls_after_terminal"] == 0 and figures["polls_of_already_terminal_tasks"] == 0
+    assert figures["baseline_polls_per_task"] >= 1
