@@ -290,6 +290,8 @@ def test_automation_shows_the_sensor_and_the_schedule_with_their_ticks(page: Pag
     page.goto("/automation")
     expect(page.get_by_role("link", name="pending_generation_tasks")).to_be_visible()
     expect(page.get_by_role("link", name="brief_discovery")).to_be_visible()
+    expect(page.get_by_text("Standard sensor")).to_be_visible()  # the rows' details are in
+    expect(page.get_by_text(re.compile(r"^Scheduled "))).to_be_visible()
     screenshot(page, "08-automation")
 
     page.get_by_role("link", name="pending_generation_tasks").click()
