@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 from pyrate_limiter import Duration, Limiter, Rate
 
-from .ledger import Ledger, StatusUpdate, TaskRecord, utc_now
+from .ledger import Ledger, StatusUpdate, TaskRecord
 from .rivya import GenerationTask, NotFound, RivyaClient, RivyaError
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 FIRST_POLL_SECONDS = 2.5
 # Answers recorded per ledger transaction: one commit per task made the ledger the slowest part of a tick.
 WRITE_BATCH = 100
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 def next_poll_delay(age_seconds: float) -> float:
@@ -114,13 +118,13 @@ class TaskPoller:
         *,
         requests_per_second: float,
         concurrency: int,
-        clock: Callable[[], datetime] = utc_now,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         """`clock` gives the time the cadence is reckoned in (a benchmark runs it faster, with the emulator's)."""
         self._client = client
         self._ledger = ledger
         self._concurrency = concurrency
-        self._clock = clock
+        self._clock = clock or _utc_now
         self._limiter = poll_rate_limiter(client.base_url, requests_per_second)
 
     def poll_due(self, *, max_tasks: int = 1000, time_budget_seconds: float = 20.0) -> PollReport:
