@@ -260,3 +260,16 @@ def make_s3_client(
     return boto3.session.Session().client(
         "s3", endpoint_url=endpoint_url, region_name=region, config=Config(**options)
     )
+
+
+@functools.lru_cache(maxsize=8)
+def shared_s3_client(
+    endpoint_url: str | None = None, region: str | None = None, checksum_when_required: bool = False
+) -> Any:
+    """One S3 client (so one connection pool) per configuration in this process, shared by every run in it.
+
+    Building a client loads S3's service model (0.1-0.3 s); each store run built its own, once per video.
+    boto3 clients are thread-safe, and credentials that expire (instance roles, web identity) refresh
+    themselves; static keys are read once, when the first client of a configuration is made.
+    """
+    return make_s3_client(endpoint_url, region, checksum_when_required)

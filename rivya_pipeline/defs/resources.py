@@ -17,7 +17,7 @@ from ..ledger import CreditLimits, Ledger
 from ..polling import TaskPoller
 from ..rivya import RetryPolicy, RivyaClient
 from ..rivya.media import MediaFetcher
-from ..storage import VideoStore, make_s3_client
+from ..storage import VideoStore, shared_s3_client
 
 # Polls are cheap to repeat on the next pass; do not let one stuck poll hold a sensor tick.
 POLL_RETRY = RetryPolicy(max_attempts=2, max_elapsed_seconds=5.0)
@@ -128,9 +128,7 @@ class VideoStorageResource(ConfigurableResource):
     chunk_mb: int = 8
 
     def store(self) -> VideoStore:
-        client = make_s3_client(
-            endpoint_url=self.endpoint_url, region=self.region, checksum_when_required=self.checksum_when_required
-        )
+        client = shared_s3_client(self.endpoint_url, self.region, self.checksum_when_required)
         return VideoStore(
             client, self.bucket, self.prefix, chunk_bytes=self.chunk_mb * 1024**2, endpoint_url=self.endpoint_url
         )

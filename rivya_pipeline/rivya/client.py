@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from .errors import ERRORS_BY_CODE, RivyaError, TransportError, UnknownApiError, error_for_status
 from .models import FileObject, GenerationTask, ModelInfo
 from .retry import RetryPolicy
+from .tls import shared_ssl_context
 
 DEFAULT_BASE_URL = "https://rivya.ai"
 M = TypeVar("M", bound=BaseModel)
@@ -89,6 +90,7 @@ class RivyaClient:
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             follow_redirects=False,
             headers={"User-Agent": "rivya-pipeline/0.1", "Accept": "application/json"},
+            verify=shared_ssl_context(trust_env=True),
         )
 
     def __repr__(self) -> str:

@@ -22,6 +22,8 @@ from typing import Literal
 
 import httpx
 
+from .tls import shared_ssl_context
+
 FetchRefusal = Literal[
     "invalid_url", "scheme", "private_address", "redirect", "too_large", "http_status", "transport"
 ]
@@ -136,6 +138,7 @@ class MediaFetcher:
             timeout=httpx.Timeout(timeout),
             trust_env=False,
             headers={"Accept-Encoding": "identity"},
+            verify=shared_ssl_context(trust_env=False),
         )
 
     def close(self) -> None:
