@@ -1,0 +1,187 @@
+"""A fault-injecting reverse proxy for an S3 endpoint, so tests can give the pipeline's S3 leg real 5xx answers.
+
+It sits on 127.0.0.1 in front of the local S3 server (moto) and forwards every request byte for byte,
+streaming both ways with httpx. A seeded fraction of requests is answered with S3's own 500
+InternalError / 503 SlowDown instead of being forwarded (the body is read and dropped first, as a real
+front end would). The fraction is set per S3 operation, so multipart part uploads can be hit often
+without slowing every other call with boto3's backoff. The same request (method, path and query, so a
+part upload keeps its upload id and part number) is refused at most ``max_faults_per_request`` times in
+a row: the faults stay transient, within boto3's retry budget (3 attempts in "standard" mode). What
+exceeds that budget is a different failure (a dead store) with its own tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import threading
+import time
+from collections import Counter
+from types import TracebackType
+
+import httpx
+import uvicorn
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+# Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never forwarded. `expect` neither: httpx
+# does not do the "100 Continue" handshake, it streams the body on at once.
+_HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+     "transfer-encoding", "upgrade", "expect"}
+)
+_FAULTS = (
+    (500, "InternalError", "We encountered an internal error. Please try again."),
+    (503, "SlowDown", "Please reduce your request rate."),
+)
+_STARTUP_TIMEOUT_SECONDS = 10.0
+
+
+def s3_operation(method: str, path: str, query: str) -> str:
+    """The S3 operation a path-style request (`/bucket/key?query`) performs, for the fault tallies."""
+    params = {part.split("=", 1)[0] for part in query.split("&") if part}
+    if method == "PUT":
+        return "UploadPart" if {"partNumber", "uploadId"} <= params else "PutObject"
+    if method == "POST":
+        return "CreateMultipartUpload" if "uploads" in params else "CompleteMultipartUpload"
+    if method == "DELETE":
+        return "AbortMultipartUpload" if "uploadId" in params else "DeleteObject"
+    if method == "HEAD":
+        return "HeadObject"
+    if "uploads" in params:
+        return "ListMultipartUploads"
+    return "GetObject" if "/" in path.strip("/") else "ListObjects"
+
+
+def _error_body(code: str, message: str) -> bytes:
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
+        f"<RequestId>fault-proxy</RequestId></Error>"
+    ).encode()
+
+
+class S3FaultProxy:
+    """`with S3FaultProxy(upstream, {"*": 0.05, "UploadPart": 0.2}, seed=1) as proxy:` point boto3 at `proxy.url`.
+
+    `fault_rates` maps an S3 operation (see `s3_operation`) to the share of its requests that fail; "*" is
+    the rate of every operation not named.
+    """
+
+    def __init__(
+        self, upstream: str, fault_rates: dict[str, float], *, seed: int, max_faults_per_request: int = 2
+    ) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.url = ""
+        self._fault_rates = fault_rates
+        self._max_faults_per_request = max_faults_per_request
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._faults_in_a_row: Counter[tuple[str, str, str]] = Counter()
+        self._injected: Counter[str] = Counter()
+        self._forwarded: Counter[str] = Counter()
+        self._client: httpx.AsyncClient | None = None
+        self._server: uvicorn.Server | None = None
+        self._socket: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> S3FaultProxy:
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        self._socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        config = uvicorn.Config(self, log_config=None, log_level="warning", access_log=False, lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), name="s3-fault-proxy", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + _STARTUP_TIMEOUT_SECONDS
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the S3 fault proxy did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=_STARTUP_TIMEOUT_SECONDS)
+        if self._socket is not None:
+            self._socket.close()
+
+    def __enter__(self) -> S3FaultProxy:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    async def _serve(self) -> None:
+        self._client = httpx.AsyncClient(base_url=self.upstream, timeout=httpx.Timeout(60.0), trust_env=False)
+        try:
+            await self._server.serve(sockets=[self._socket])
+        finally:
+            await self._client.aclose()
+
+    # -- tallies -----------------------------------------------------------------------------
+
+    def injected(self) -> dict[str, int]:
+        """S3 operation -> how many of its requests were answered with a 5xx."""
+        with self._lock:
+            return dict(self._injected)
+
+    def forwarded(self) -> dict[str, int]:
+        """S3 operation -> how many of its requests reached the S3 server."""
+        with self._lock:
+            return dict(self._forwarded)
+
+    # -- the proxy ---------------------------------------------------------------------------
+
+    def _fault_for(self, identity: tuple[str, str, str]) -> tuple[int, str, str] | None:
+        with self._lock:
+            operation = s3_operation(*identity)
+            rate = self._fault_rates.get(operation, self._fault_rates.get("*", 0.0))
+            if self._faults_in_a_row[identity] < self._max_faults_per_request and self._rng.random() < rate:
+                self._faults_in_a_row[identity] += 1
+                self._injected[operation] += 1
+                return self._rng.choice(_FAULTS)
+            self._faults_in_a_row.pop(identity, None)
+            self._forwarded[operation] += 1
+            return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        path = scope["raw_path"].decode("ascii")
+        query = scope["query_string"].decode("ascii")
+        fault = self._fault_for((request.method, path, query))
+        if fault is not None:
+            async for _ in request.stream():  # take the whole body, as a front end that fails late does
+                pass
+            status, code, message = fault
+            response: Response = Response(_error_body(code, message), status_code=status, media_type="application/xml")
+        else:
+            response = await self._forward(request, path, query)
+        await response(scope, receive, send)
+
+    async def _forward(self, request: Request, path: str, query: str) -> Response:
+        headers = [(k, v) for k, v in request.headers.raw if k.decode("latin-1").lower() not in _HOP_BY_HOP]
+        has_body = "content-length" in request.headers or "transfer-encoding" in request.headers
+        assert self._client is not None
+        upstream_request = self._client.build_request(
+            request.method,
+            httpx.URL(self.upstream + path, query=query.encode("ascii")),
+            headers=headers,  # Host included: SigV4 signed the proxy's host, and the server sees the same value
+            content=request.stream() if has_body else None,
+        )
+        upstream = await self._client.send(upstream_request, stream=True)
+        response_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP}
+        return StreamingResponse(
+            upstream.aiter_raw(),
+            status_code=upstream.status_code,
+            headers=response_headers,
+            background=BackgroundTask(upstream.aclose),
+        )
