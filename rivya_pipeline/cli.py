@@ -29,8 +29,9 @@ def _dagster_home() -> Path:
     home = Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster_home").resolve()
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
-    if not config.exists():  # Dagster's defaults (SQLite in this folder), without the telemetry banner
-        config.write_text("telemetry:\n  enabled: false\n")
+    if not config.exists():  # Dagster's defaults (SQLite in this folder), no telemetry banner, and a limit
+        # for the `rivya_api` pool so that paid submits do not stampede (deploy/dagster.yaml for production).
+        config.write_text("telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 4\n")
     os.environ["DAGSTER_HOME"] = str(home)
     return home
 

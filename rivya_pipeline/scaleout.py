@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from dagster import Definitions, ExecutorDefinition
 
-from .definitions import defs
+from .definitions import build_definitions
 
 
 def executor_config(path: str | Path) -> dict[str, Any]:
@@ -24,4 +24,4 @@ def executor_config(path: str | Path) -> dict[str, Any]:
 
 def with_executor(executor: ExecutorDefinition, config_path: str | Path) -> Definitions:
     """The pipeline's definitions, every job run by `executor` configured from `config_path`."""
-    return Definitions.merge(defs, Definitions(executor=executor.configured(executor_config(config_path))))
+    return build_definitions(executor=executor.configured(executor_config(config_path)))

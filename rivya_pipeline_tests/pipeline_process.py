@@ -47,7 +47,6 @@ ENV_BY_SETTING = {
     "poll_concurrency": "RIVYA_POLL_CONCURRENCY",
     "request_timeout_seconds": "RIVYA_TIMEOUT_SECONDS",
 }
-IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
 BARRIER_TIMEOUT_SECONDS = 120
 
 FORK_SERVER = multiprocessing.get_context("forkserver")

@@ -43,7 +43,6 @@ from rivya_pipeline_tests import test_scaleout
 from rivya_pipeline_tests.fixtures_emulator import TEST_ACCOUNT, TEST_CREDITS
 from rivya_pipeline_tests.fixtures_pipeline import FAST_LIFECYCLE, SUBMIT_SELECTION, Pipeline, store_requests
 from rivya_pipeline_tests.pipeline_process import (
-    IN_PROCESS,
     RunProcess,
     implicit_asset_job,
     new_barrier,
@@ -276,7 +275,7 @@ def test_dagster_reexecution_of_a_run_whose_create_outcome_is_unknown_resends_an
     failed = execute_job(
         job,
         pipeline.instance,
-        run_config=IN_PROCESS | QUIET_LOGS,
+        run_config=QUIET_LOGS,
         tags={"dagster/partition": REFERENCE_BRIEF},
         asset_selection=[AssetKey(name) for name in SUBMIT_NAMES],
     )

@@ -14,9 +14,10 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from dagster import AssetCheckKey, AssetKey
+from dagster import AssetCheckKey, AssetKey, DagsterRunStatus
 from dagster._core.event_api import PartitionKeyFilter
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+from dagster._core.test_utils import create_run_for_test
 from dagster._serdes import serialize_value
 
 from rivya_pipeline import polling
@@ -304,3 +305,19 @@ def test_failed_store_run_is_requested_again_under_a_new_key_at_most_three_times
     task_id = first.tags[TASK_TAG]
     assert keys == [f"{task_id}:store", f"{task_id}:store:retry1", f"{task_id}:store:retry2"]
     assert pipeline.ledger.find_by_task(task_id).stored_uri is None
+
+
+def test_no_store_run_is_requested_while_a_run_of_the_partition_is_storing(pipeline):
+    """A launch of all four assets from the UI stores the video itself: the sensor must not launch a second copy."""
+    pipeline.submit("sunrise-timelapse")
+    manual = create_run_for_test(
+        pipeline.instance,
+        status=DagsterRunStatus.STARTED,
+        tags={"dagster/partition": "sunrise-timelapse"},
+        asset_selection={AssetKey("stored_video")},
+    )
+    pipeline.tick_until(lambda ticks: pipeline.ledger.succeeded_unstored(limit=10))
+    assert pipeline.tick().run_requests == []
+
+    pipeline.instance.report_run_failed(manual)
+    assert [r.partition_key for r in pipeline.tick().run_requests] == ["sunrise-timelapse"]

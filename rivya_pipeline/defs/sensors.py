@@ -29,12 +29,25 @@ from .resources import CreditLimitsResource, RivyaResource
 TICK_TIME_BUDGET_SECONDS = 20.0
 MAX_POLLS_PER_TICK = 1000
 MAX_STORE_REQUESTS_PER_TICK = 200
+PARTITION_TAG = "dagster/partition"  # the tag Dagster puts on every run of one partition
 MAX_STORE_ATTEMPTS = 3  # storing is free; after 3 failed runs a person looks (the runs say why)
 
 
 def failed_store_runs(instance: DagsterInstance, task_id: str) -> int:
     failed = [DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED]
     return instance.get_runs_count(RunsFilter(tags={TASK_TAG: task_id}, statuses=failed))
+
+
+def store_in_progress(instance: DagsterInstance, brief_id: str) -> bool:
+    """A run of this partition that includes stored_video is under way (say, a launch from the UI)."""
+    unfinished = [
+        DagsterRunStatus.QUEUED,
+        DagsterRunStatus.NOT_STARTED,
+        DagsterRunStatus.STARTING,
+        DagsterRunStatus.STARTED,
+    ]
+    runs = instance.get_runs(RunsFilter(tags={PARTITION_TAG: brief_id}, statuses=unfinished))
+    return any(run.asset_selection is None or stored_video.key in run.asset_selection for run in runs)
 
 
 def store_run_request(record: TaskRecord, failed_attempts: int) -> RunRequest:
@@ -96,6 +109,8 @@ def pending_generation_tasks(
         context.log.warning(f"task {record.task_id} (brief {record.brief_id}) passed its deadline; no longer polled")
     run_requests = []
     for record in ledger.succeeded_unstored(limit=MAX_STORE_REQUESTS_PER_TICK):
+        if store_in_progress(context.instance, record.brief_id):
+            continue
         failed = failed_store_runs(context.instance, record.task_id)
         if failed < MAX_STORE_ATTEMPTS:
             run_requests.append(store_run_request(record, failed))
