@@ -401,8 +401,8 @@ params:
     for result in (again, whole):
         assert not result.success
         text = failure_text(result)
-        assert f"Task {first['task_id']} for brief 'doomed-lantern' had failed (generation_failed)" in text
-        assert "Bump `regenerate`" in text
+        assert f"Task {first['task_id']} for brief 'doomed-lantern' failed (generation_failed; 90 credits" in text
+        assert "bump `regenerate`" in text
     assert (reported.status, reported.task_id, reported.refunded_credits) == ("failed", first["task_id"], KLING_PRICE)
     assert emulator.stats()["creates_performed"] == 1
 

@@ -5,6 +5,8 @@ Each asset is thin: the work lives in the client, the ledger, the poller and the
 
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -28,6 +30,7 @@ from ..delivery import deliver_video
 from ..ledger import BudgetExceeded, StaleSubmission
 from ..polling import FIRST_POLL_SECONDS, TaskDeadlineExceeded, wait_for_terminal
 from ..rivya import FileObject, NotFound, RivyaError
+from ..rivya.media import MediaFetchError
 from .resources import BriefsResource, CreditLimitsResource, RivyaResource, VideoStorageResource
 
 briefs_partitions = DynamicPartitionsDefinition(name="briefs")
@@ -148,8 +151,9 @@ def generation_task(
     task = submit_or_reattach(client, ledger, decision, credit_limits.task_deadline_minutes)
     if task.status == "failed":
         raise Failure(
-            f"Task {task.id} for brief {video_brief.id!r} had failed ({task.error.code if task.error else '?'}); "
-            "it is not resubmitted silently. Bump `regenerate` in the brief to pay for a new one.",
+            f"Task {task.id} for brief {video_brief.id!r} failed ({task.error.code if task.error else '?'}; "
+            f"{task.refunded_credits} credits refunded). It is not resubmitted silently: bump `regenerate` in the "
+            "brief to pay for a new one.",
             allow_retries=False,
         )
     record = ledger.get(key)
@@ -272,7 +276,7 @@ def stored_video(
             f"Task {task.id} failed ({error}); {task.refunded_credits} credits refunded. Nothing stored.",
             allow_retries=False,
         )
-    with rivya.media_fetcher() as fetcher:
+    with rivya.media_fetcher() as fetcher, refused_media_reported(task.id):
         delivery = deliver_video(
             task=task,
             brief_id=handle.brief_id,
@@ -294,6 +298,16 @@ def stored_video(
         metadata=stored_video_metadata(delivery, task, handle),
         check_results=stored_video_checks(delivery, handle),
     )
+
+
+@contextmanager
+def refused_media_reported(task_id: str) -> Iterator[None]:
+    """A result URL the rules refuse is a Failure that says so; only a transient fetch error may be retried."""
+    try:
+        yield
+    except MediaFetchError as exc:
+        transient = exc.reason in ("http_status", "transport")
+        raise Failure(f"Result video of task {task_id} not stored: {exc}", allow_retries=transient) from None
 
 
 def stored_video_metadata(delivery, task, handle: TaskHandle) -> dict[str, Any]:
