@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, make_url, text, update
-from sqlalchemy.exc import OperationalError, StatementError
+from sqlalchemy.exc import StatementError
 
 from rivya_pipeline.ledger import (
     RESEND_WINDOW,
@@ -30,9 +30,8 @@ from rivya_pipeline.ledger import (
     SubmitDecision,
 )
 from rivya_pipeline.ledger_schema import ledger_meta
+from rivya_pipeline_tests.fixtures_postgres import PG_ADMIN_URL, PG_SERVER, admin_connection
 
-PG_SERVER = "postgresql://postgres@127.0.0.1:5432/test"
-PG_SERVER_PSYCOPG2 = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 T0 = datetime(2026, 5, 11, 12, 0, tzinfo=UTC)
 PRICE = 90
 RACERS = 8
@@ -52,20 +51,14 @@ def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         url = Ledger.default_url(tmp_path_factory.mktemp("dagster_home"))
         yield Backend("sqlite", url, url)
         return
-    admin = create_engine(PG_SERVER_PSYCOPG2, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
-    try:
-        conn = admin.connect()
-    except OperationalError as exc:
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is unreachable: {exc.orig}")
-    schema = f"ledger_{uuid.uuid4().hex[:12]}"
-    conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-    options = f"?options=-csearch_path%3D{schema}"
-    try:
-        yield Backend("postgres", PG_SERVER + options, PG_SERVER_PSYCOPG2 + options)
-    finally:
-        conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
-        conn.close()
-        admin.dispose()
+    with admin_connection() as conn:
+        schema = f"ledger_{uuid.uuid4().hex[:12]}"
+        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+        options = f"?options=-csearch_path%3D{schema}"
+        try:
+            yield Backend("postgres", PG_SERVER + options, PG_ADMIN_URL + options)
+        finally:
+            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
 
 
 @pytest.fixture

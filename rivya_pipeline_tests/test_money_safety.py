@@ -39,7 +39,6 @@ from rivya_pipeline.headless import QUIET_LOGS, HeadlessRun, failure_text
 from rivya_pipeline.rivya import RetryPolicy as ClientRetryPolicy
 from rivya_pipeline.settings import Settings
 from rivya_pipeline.storage import VideoStore, make_s3_client
-from rivya_pipeline_tests import test_scaleout
 from rivya_pipeline_tests.fixtures_emulator import TEST_ACCOUNT, TEST_CREDITS
 from rivya_pipeline_tests.fixtures_pipeline import FAST_LIFECYCLE, SUBMIT_SELECTION, Pipeline, store_requests
 from rivya_pipeline_tests.pipeline_process import (
@@ -50,11 +49,6 @@ from rivya_pipeline_tests.pipeline_process import (
     start_materialize,
 )
 
-# A fresh PostgreSQL database holding an instance of the production profile (deploy/dagster.yaml), as in the
-# scale-out tests, whose fixtures are this module's too.
-pg_database = test_scaleout.pg_database
-postgres_home = test_scaleout.postgres_home
-postgres_instance = test_scaleout.postgres_instance
 KLING_PRICE = 90
 SUBMIT_NAMES = [asset.key.to_user_string() for asset in SUBMIT_SELECTION]
 UNPAID_STEPS = [video_brief, reference_uploads]  # everything before the paid create

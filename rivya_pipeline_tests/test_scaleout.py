@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +25,6 @@ from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter, mat
 from dagster._core.storage.tags import RUN_FAILURE_REASON_TAG, WILL_RETRY_TAG
 from dagster._core.test_utils import create_run_for_test
 from sqlalchemy import Connection, create_engine, inspect, text
-from sqlalchemy.exc import OperationalError
 
 from rivya_pipeline.briefs import load_briefs
 from rivya_pipeline.definitions import ASSETS, build_resources
@@ -36,57 +34,10 @@ from rivya_pipeline.ledger import Ledger
 from rivya_pipeline.settings import REPO_ROOT, Settings
 from rivya_pipeline_tests.fixtures_emulator import TEST_API_KEY
 from rivya_pipeline_tests.fixtures_pipeline import FAST_LIFECYCLE, SUBMIT_SELECTION
+from rivya_pipeline_tests.fixtures_postgres import PG_ADMIN_URL
 
-PROFILE = REPO_ROOT / "deploy" / "dagster.yaml"
-PG_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 LEDGER_TABLES = {"rivya_tasks", "rivya_brief_versions", "rivya_ledger_meta"}
 RUN_TIMEOUT_SECONDS = 60
-
-
-def pg_env(database: str) -> dict[str, str]:
-    """The profile's DAGSTER_PG_* variables for a database on the local server (trust auth: no password)."""
-    return {
-        "DAGSTER_PG_HOST": "127.0.0.1",
-        "DAGSTER_PG_PORT": "5432",
-        "DAGSTER_PG_USER": "postgres",
-        "DAGSTER_PG_PASSWORD": "",
-        "DAGSTER_PG_DB": database,
-    }
-
-
-@pytest.fixture
-def pg_database() -> Iterator[str]:
-    """A fresh, empty database on the local server (its name), dropped afterwards with whatever still uses it."""
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
-    try:
-        conn = admin.connect()
-    except OperationalError as exc:
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is unreachable: {exc.orig}")
-    name = f"rivya_scale_{uuid.uuid4().hex[:12]}"
-    conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield name
-    finally:
-        conn.exec_driver_sql(f'DROP DATABASE "{name}" WITH (FORCE)')
-        conn.close()
-        admin.dispose()
-
-
-@pytest.fixture
-def postgres_home(tmp_path: Path, pg_database: str, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A DAGSTER_HOME with the production profile, unchanged; this process's DAGSTER_PG_* name the test database."""
-    home = tmp_path / "postgres_home"
-    home.mkdir()
-    shutil.copy(PROFILE, home / "dagster.yaml")
-    for name, value in pg_env(pg_database).items():
-        monkeypatch.setenv(name, value)
-    return home
-
-
-@pytest.fixture
-def postgres_instance(postgres_home: Path) -> Iterator[DagsterInstance]:
-    with DagsterInstance.from_config(str(postgres_home)) as instance:
-        yield instance
 
 
 @contextmanager
