@@ -8,7 +8,9 @@ object's SHA-256 is read back from S3 and compared with the hash taken on the wa
 from __future__ import annotations
 
 import logging
+import queue
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,16 +40,48 @@ class Delivery:
 
 
 class _TeeReader:
-    """Hands boto3 the media stream while writing the same bytes to a local copy for probing."""
+    """Hands boto3 the media stream while a thread of its own writes the same bytes to a local copy for probing.
+
+    Written between two network reads, the copy slowed the whole transfer by a quarter (the disk takes ~275
+    MB/s here); in its own thread the write overlaps them. One part at most waits for the disk, so memory grows
+    by one part at most. A failed write is raised by the next read (which aborts the upload) or on exit.
+    """
 
     def __init__(self, source: Any, copy: IO[bytes]) -> None:
         self._source = source
         self._copy = copy
+        self._waiting: queue.Queue[bytes | None] = queue.Queue(maxsize=1)
+        self._failure: BaseException | None = None
+        self._writer = threading.Thread(target=self._write_copies, name="rivya-probe-copy", daemon=True)
+
+    def __enter__(self) -> _TeeReader:
+        self._writer.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self._waiting.put(None)
+        self._writer.join()
+        if exc_type is None:
+            self._raise_failure()
 
     def read(self, size: int = -1) -> bytes:
+        self._raise_failure()
         data = self._source.read(size)
-        self._copy.write(data)
+        if data:
+            self._waiting.put(data)
         return data
+
+    def _write_copies(self) -> None:
+        while (data := self._waiting.get()) is not None:
+            if self._failure is None:  # after a failure, keep taking parts so that read() never blocks
+                try:
+                    self._copy.write(data)
+                except BaseException as exc:  # handed to the reading thread
+                    self._failure = exc
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
 
 
 class _ProgressLog:
@@ -79,10 +113,8 @@ def deliver_video(
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="rivya-probe-") as tmp:
         copy_path = Path(tmp) / "video.mp4"
-        with fetcher.open(url) as stream, copy_path.open("wb") as copy:
-            video = store.store_video(
-                brief_id, task.id, _TeeReader(stream, copy), progress=_ProgressLog(stream.content_length)
-            )
+        with fetcher.open(url) as stream, copy_path.open("wb") as copy, _TeeReader(stream, copy) as tee:
+            video = store.store_video(brief_id, task.id, tee, progress=_ProgressLog(stream.content_length))
         try:
             probe, probe_error = probe_video(copy_path), None
         except ProbeError as exc:
