@@ -166,11 +166,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.runner import run_benchmarks
 
     names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
-    return run_benchmarks(names, quick=args.quick, as_json=args.json)
+    return run_benchmarks(names, quick=args.quick, as_json=args.json, transfer_mb=args.transfer_mb)
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:
@@ -212,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("benchmark", choices=[*BENCHMARKS, "all"])
     bench.add_argument("--json", action="store_true", help="print one JSON object keyed by benchmark name")
     bench.add_argument("--quick", action="store_true", help="a small, fast version (CI: they run, figures are sane)")
+    bench.add_argument(
+        "--transfer-mb", type=_positive_int, help="size of the transfer's video in MiB (default 1024, quick 64)"
+    )
     bench.set_defaults(func=cmd_bench)
 
     emulator = sub.add_parser("emulator", help="run the local Rivya emulator (see --help of the subcommand)",

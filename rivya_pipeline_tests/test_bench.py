@@ -10,7 +10,10 @@ import sys
 
 import pytest
 
-from rivya_pipeline.bench import calls, e2e, poll, transfer
+from rivya_pipeline.bench import calls, e2e, poll
+
+BENCH = [sys.executable, "-m", "rivya_pipeline.cli", "bench"]
+TRANSFER_MB = 40  # the size option, in the place of the quick default
 
 ISSUE_KEYS = {
     "poll": {"tick_seconds", "sequential_seconds", "speedup", "max_observed_rps"},
@@ -23,7 +26,7 @@ ISSUE_KEYS = {
 @pytest.fixture(scope="module")
 def report() -> dict:
     done = subprocess.run(
-        [sys.executable, "-m", "rivya_pipeline.cli", "bench", "all", "--json", "--quick"],
+        [*BENCH, "all", "--json", "--quick", "--transfer-mb", str(TRANSFER_MB)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -52,7 +55,7 @@ def test_poll_polls_every_due_task_once_within_the_rate(report):
 
 def test_transfer_stores_the_whole_video_intact(report):
     figures = report["transfer"]
-    assert figures["bytes"] == transfer.QUICK_BYTES
+    assert figures["bytes"] == TRANSFER_MB * 1024**2
     assert figures["sha256_matches"] and figures["decodable"]
     assert figures["peak_rss_mb"] >= figures["rss_before_transfer_mb"] > 0
     assert figures["ratio"] == pytest.approx(figures["mb_per_s"] / figures["baseline_mb_per_s"], rel=0.02)
@@ -71,3 +74,13 @@ def test_calls_follow_the_cadence_and_never_ask_about_ended_tasks(report):
     assert 1 <= figures["polls_per_task"] <= figures["max_polls_for_a_task"] <= 7
     assert figures["polls_after_terminal"] == 0 and figures["polls_of_already_terminal_tasks"] == 0
     assert figures["baseline_polls_per_task"] >= 1
+
+
+def test_a_transfer_size_below_one_mib_is_refused_before_anything_starts():
+    done = subprocess.run(
+        [*BENCH, "transfer", "--transfer-mb", "0"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2 and "--transfer-mb: must be at least 1 (got 0)" in done.stderr

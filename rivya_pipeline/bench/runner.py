@@ -11,7 +11,7 @@ from . import calls, e2e, poll, transfer
 from .common import BenchResult
 from .stack import BenchStack
 
-BENCHMARKS: dict[str, Callable[[BenchStack, bool], BenchResult]] = {
+BENCHMARKS: dict[str, Callable[..., BenchResult]] = {
     "poll": poll.run,
     "transfer": transfer.run,
     "e2e": e2e.run,
@@ -19,13 +19,15 @@ BENCHMARKS: dict[str, Callable[[BenchStack, bool], BenchResult]] = {
 }
 
 
-def run_benchmarks(names: list[str], *, quick: bool, as_json: bool) -> int:
+def run_benchmarks(names: list[str], *, quick: bool, as_json: bool, transfer_mb: int | None = None) -> int:
+    """Run `names` in order on one stack; `transfer_mb` overrides the transfer's video size (MiB)."""
     logging.getLogger("rivya_pipeline").setLevel(logging.WARNING)  # progress lines would interleave with figures
     results: dict[str, BenchResult] = {}
     with BenchStack() as stack:
         for name in names:
             print(f"bench {name}{' (quick)' if quick else ''} ...", file=sys.stderr, flush=True)
-            results[name] = BENCHMARKS[name](stack, quick)
+            options = {"mebibytes": transfer_mb} if name == "transfer" else {}
+            results[name] = BENCHMARKS[name](stack, quick, **options)
             if not as_json:
                 print(results[name].text(), flush=True)
                 print(flush=True)

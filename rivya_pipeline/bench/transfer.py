@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from .common import BenchResult
+from .common import TASK_BODY, BenchResult
 from .stack import BENCH_BUCKET, BenchStack
 
 FULL_BYTES = 1024**3
@@ -41,14 +41,11 @@ def _in_child(kind: str, job: dict[str, Any]) -> dict[str, Any]:
     return json.loads(done.stdout)
 
 
-def run(stack: BenchStack, quick: bool) -> BenchResult:
-    size = QUICK_BYTES if quick else FULL_BYTES
+def run(stack: BenchStack, quick: bool, mebibytes: int | None = None) -> BenchResult:
+    size = mebibytes * 1024**2 if mebibytes else QUICK_BYTES if quick else FULL_BYTES
     stack.configure(queued_seconds=0, processing_seconds=0, result_min_bytes=size)
     with stack.client() as client:
-        task = client.create_generation(
-            {"model": "kling-3-0", "prompt": "A slow pan over a harbour.", "params": {"duration": "5"}},
-            idempotency_key="bench-transfer",
-        )
+        task = client.create_generation(TASK_BODY, idempotency_key="bench-transfer")
         task = client.get_generation(task.id)
     job = {"task": task.model_dump(mode="json"), "s3_url": stack.s3_url, "bucket": BENCH_BUCKET}
     try:
