@@ -24,6 +24,9 @@ test: setup
 dev: setup
 	$(BIN)/rivya-pipeline dev
 
+bench: setup
+	$(BIN)/rivya-pipeline bench all
+
 lint: setup
 	$(BIN)/ruff check .
 

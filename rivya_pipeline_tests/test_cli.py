@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,25 @@ def test_run_with_a_failing_brief_exits_1_and_reports_its_code_and_refund(tmp_pa
     assert (outcome["status"], outcome["task_id"], charge["refunded"]) == ("failed", charge["task_id"], True)
     assert outcome["error"].startswith("generation_failed")
     assert (outcome["final_credits"], outcome["refunded_credits"], outcome["s3_uri"]) == (0, KLING_PRICE, None)
+
+
+def test_report_gives_spend_per_day_and_brief_from_the_ledger(tmp_path, cli, emulator):
+    folder = tmp_path / "mixed"
+    write_folder(
+        folder,
+        {
+            "ok.yaml": "id: calm-lake\nprompt: A calm lake at dawn\n",
+            "doomed.yaml": f'id: doomed-vase\nprompt: "A vase falling {FAIL_MARKER}"\n',
+        },
+    )
+    assert cli("run", "--requests", str(folder)).returncode == EXIT_FAILED
+
+    done = cli("report", "--json")
+
+    assert done.returncode == 0
+    rows = {row["brief_id"]: row for row in json.loads(done.stdout)}
+    assert set(rows) == {"calm-lake", "doomed-vase"}
+    assert (rows["calm-lake"]["tasks"], rows["calm-lake"]["final"], rows["calm-lake"]["refunded"]) == (1, 90, 0)
+    assert (rows["doomed-vase"]["final"], rows["doomed-vase"]["refunded"]) == (0, KLING_PRICE)
+    assert {row["day"] for row in rows.values()} == {datetime.now(UTC).date().isoformat()}
+    assert sum(c["credits"] for c in emulator.stats()["charges"] if not c["refunded"]) == 90
