@@ -36,11 +36,15 @@ def _dagster_home() -> Path:
     return home
 
 
+def _cell(value: object) -> str:
+    return "" if value is None else str(value)  # 0 credits is a figure, not a blank
+
+
 def _print_table(rows: list[dict[str, object]], columns: Sequence[str]) -> None:
-    widths = {c: max(len(c), *(len(str(r.get(c) or "")) for r in rows)) for c in columns}
+    widths = {c: max(len(c), *(len(_cell(r.get(c))) for r in rows)) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))
     for row in rows:
-        print("  ".join(str(row.get(c) or "").ljust(widths[c]) for c in columns))
+        print("  ".join(_cell(row.get(c)).ljust(widths[c]) for c in columns))
 
 
 def _load(requests: Path) -> list[Brief] | None:
