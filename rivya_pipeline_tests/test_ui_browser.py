@@ -161,6 +161,19 @@ def page(browser: Browser, dev_stack: DevStack, request: pytest.FixtureRequest) 
     context.close()
 
 
+def close_dialog(dialog: Locator, attempts: int = 3) -> None:
+    """Cancel, and make sure it closed: a click that lands while the dialog is still settling (a re-render after a
+    partition was added) is lost, and the dialog's backdrop then swallows every later click."""
+    for _ in range(attempts):
+        dialog.get_by_role("button", name="Cancel").click()
+        try:
+            expect(dialog).to_be_hidden(timeout=5_000)
+            return
+        except AssertionError:
+            continue
+    expect(dialog).to_be_hidden()
+
+
 def screenshot(page: Page, name: str) -> None:
     page.screenshot(path=OUTPUT / f"{name}.png", full_page=True)
 
@@ -227,7 +240,7 @@ def test_materialize_one_partition_from_the_ui(page: Page, dev_stack: DevStack) 
     expect(add_partition).to_be_hidden()
     # The dialog does not always keep a just-added partition selected (half the time on a loaded machine), so pick
     # it from the list in a freshly opened dialog, as a person would.
-    launch_dialog.get_by_role("button", name="Cancel").click()
+    close_dialog(launch_dialog)
     materialize.click()
     expect(loading).to_have_count(0)
     launch_dialog.get_by_text("Select a partition or create one").click()
