@@ -8,7 +8,6 @@ folder in one pass instead of one error per run.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ from .rivya.generation import (
 from .rivya.models import ModelInfo
 
 REQUESTS_PATH_ENV = "RIVYA_REQUESTS_PATH"
-DEFAULT_REQUESTS_PATH = Path(__file__).resolve().parent.parent / "requests"
 BRIEF_PATTERNS = ("*.yaml", "*.yml")
 ALLOWED_KEYS = ("id", "prompt", "params", "references", "model", "regenerate")
 MAX_ID_LENGTH = 64
@@ -116,10 +114,6 @@ class _BriefLoader(yaml.SafeLoader):
 _BriefLoader.add_constructor("tag:yaml.org,2002:int", _BriefLoader.construct_yaml_int)
 _BriefLoader.add_constructor("tag:yaml.org,2002:float", _BriefLoader.construct_yaml_float)
 
-
-def requests_path_from_env() -> Path:
-    """The briefs folder: $RIVYA_REQUESTS_PATH, else `requests/` at the repo root."""
-    return Path(os.environ.get(REQUESTS_PATH_ENV) or DEFAULT_REQUESTS_PATH)
 
 
 def load_briefs(folder: Path, *, model_specs: Mapping[str, ModelInfo] | None = None) -> list[Brief]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -101,7 +101,3 @@ class Settings:
             poll_concurrency=_int(env, "RIVYA_POLL_CONCURRENCY", 16, minimum=1),
             request_timeout_seconds=_float(env, "RIVYA_TIMEOUT_SECONDS", 30.0),
         )
-
-    def describe(self) -> dict[str, str]:
-        """For logs and the CLI: every value as text (there is no secret in here to hide)."""
-        return {f.name: str(getattr(self, f.name)) for f in fields(self)}

@@ -12,16 +12,14 @@ import av
 import pytest
 
 from rivya_pipeline.briefs import (
-    DEFAULT_REQUESTS_PATH,
-    REQUESTS_PATH_ENV,
     BriefError,
     BriefErrors,
     BriefNotFound,
     load_brief_by_id,
     load_briefs,
-    requests_path_from_env,
 )
 from rivya_pipeline.rivya.models import ModelInfo, ModelParam
+from rivya_pipeline.settings import Settings
 
 Writer = Callable[[Path], None]
 LIMIT = 10_000_000
@@ -195,7 +193,7 @@ def test_bad_brief_is_refused_with_one_line_naming_file_brief_and_field(tmp_path
 
 
 def test_shipped_requests_folder_loads_with_its_references() -> None:
-    briefs = load_briefs(DEFAULT_REQUESTS_PATH)
+    briefs = load_briefs(Settings.from_env({}).requests_path)
 
     assert {b.id: len(b.references) for b in briefs} == {"sunrise-timelapse": 0, "product-spin": 1, "city-morph": 2}
     city = next(b for b in briefs if b.id == "city-morph")
@@ -413,11 +411,9 @@ def test_missing_folder_is_one_clear_error(tmp_path: Path) -> None:
         load_briefs(tmp_path / "nowhere")
 
 
-def test_requests_path_comes_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(REQUESTS_PATH_ENV, raising=False)
-    assert requests_path_from_env() == DEFAULT_REQUESTS_PATH
-    assert DEFAULT_REQUESTS_PATH.name == "requests"
-    assert (DEFAULT_REQUESTS_PATH.parent / "pyproject.toml").is_file()
+def test_requests_path_comes_from_the_environment(tmp_path: Path) -> None:
+    default = Settings.from_env({}).requests_path
+    assert default.name == "requests"
+    assert (default.parent / "pyproject.toml").is_file()
 
-    monkeypatch.setenv(REQUESTS_PATH_ENV, str(tmp_path))
-    assert requests_path_from_env() == tmp_path
+    assert Settings.from_env({"RIVYA_REQUESTS_PATH": str(tmp_path)}).requests_path == tmp_path.resolve()
