@@ -64,14 +64,21 @@ class BriefOutcome:
 
 
 def failure_text(result) -> str:
-    """The user-facing reason of the first failed step (the Failure's own text, not Dagster's wrapper)."""
+    """The user-facing reason of the first failed step (the Failure's own text, not Dagster's wrapper), or of the
+    run itself when it failed before or between steps (a resource that could not start, Dagster's own storage)."""
     for event in result.all_events:
         if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
-            error = event.step_failure_data.error
-            while error.cause is not None:
-                error = error.cause
-            return error.message.strip().splitlines()[0].removeprefix("dagster._core.definitions.events.Failure: ")
+            return _root_cause(event.step_failure_data.error).removeprefix("dagster._core.definitions.events.Failure: ")
+    for event in result.all_events:
+        if event.is_run_failure and event.event_specific_data and event.event_specific_data.error:
+            return _root_cause(event.event_specific_data.error)
     return "run failed"
+
+
+def _root_cause(error) -> str:
+    while error.cause is not None:
+        error = error.cause
+    return error.message.strip().splitlines()[0]
 
 
 class HeadlessRun:

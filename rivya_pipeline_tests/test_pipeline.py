@@ -19,9 +19,11 @@ from dagster._core.event_api import PartitionKeyFilter
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 from dagster._core.test_utils import create_run_for_test
 from dagster._serdes import serialize_value
+from sqlalchemy.exc import OperationalError
 
 from rivya_pipeline import polling
 from rivya_pipeline.briefs import load_briefs
+from rivya_pipeline.defs import resources
 from rivya_pipeline.defs.assets import BATCH_TAG, STORED_VIDEO_CHECKS, TASK_TAG, generation_task
 from rivya_pipeline.defs.sensors import MAX_STORE_ATTEMPTS
 from rivya_pipeline.emulator import FAIL_MARKER, FaultRule
@@ -234,6 +236,21 @@ def test_per_run_credit_limit_holds_across_the_runs_of_one_discovery_tick(make_p
     for refused in results[1:]:
         assert "per-run credit limit" in failure_text(refused)
     assert emulator.stats()["creates_performed"] == 1
+
+
+def test_run_that_fails_before_its_first_step_reports_why(pipeline, emulator, monkeypatch):
+    def database_gone(instance, pool):
+        raise OperationalError("SELECT concurrency_key", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(resources, "ensure_pool_row", database_gone)
+
+    failed = pipeline.submit("sunrise-timelapse", raise_on_error=False)
+
+    assert not failed.success and not failed.get_step_failure_events()
+    assert failure_text(failed) == (
+        "sqlalchemy.exc.OperationalError: (builtins.Exception) server closed the connection unexpectedly"
+    )
+    assert emulator.stats()["creates_performed"] == 0
 
 
 def test_sensor_requests_the_same_store_run_on_every_tick_until_stored(pipeline):

@@ -28,7 +28,7 @@ from sqlalchemy import Connection, create_engine, inspect, text
 
 from rivya_pipeline.briefs import load_briefs
 from rivya_pipeline.definitions import ASSETS, build_resources
-from rivya_pipeline.defs.resources import CreditLimitsResource, default_ledger_url
+from rivya_pipeline.defs.resources import PAID_CREATE_POOL, CreditLimitsResource, default_ledger_url, ensure_pool_row
 from rivya_pipeline.headless import QUIET_LOGS, HeadlessRun, failure_text
 from rivya_pipeline.ledger import Ledger
 from rivya_pipeline.settings import REPO_ROOT, Settings
@@ -160,15 +160,6 @@ def what_must_not_depend_on_storage(outcomes, instance: DagsterInstance, s3_buck
     return {"briefs": briefs, "creates": stats["creates_performed"], "charges": charges}
 
 
-def set_pool_limit_up_front(instance: DagsterInstance) -> None:
-    """The deploy step of deploy/README.md, `dagster instance concurrency set rivya_api 4`, as that command does it.
-
-    Left to `pools: default_limit`, the first steps to claim a slot at once create the pool's row together, and
-    on PostgreSQL all but one fail (dagster-io/dagster#33552: the fallback UPDATE runs in an aborted transaction).
-    """
-    instance.event_log_storage.set_concurrency_slots("rivya_api", 4)
-
-
 def run_in_this_process(settings: Settings, instance: DagsterInstance) -> dict[str, dict[str, Any]]:
     """The baseline: one headless run over the whole briefs folder, as `rivya-pipeline run` does it."""
     run = HeadlessRun(settings=settings, instance=instance)
@@ -200,7 +191,7 @@ def test_parallel_runs_on_postgres_end_exactly_like_on_sqlite(
 
     configure_emulator(**FAST_LIFECYCLE)  # a fresh Rivya account for the second deployment
     with DagsterInstance.from_config(str(postgres_home)) as instance:
-        set_pool_limit_up_front(instance)
+        # No `dagster instance concurrency set` first: every run's resources create the pool's row (#33552).
         env = backend_env(postgres_home, "postgres", emulator, s3_endpoint_url, s3_bucket[1])
         on_postgres = run_in_parallel(folders, env)
         postgres = what_must_not_depend_on_storage(on_postgres, instance, s3_bucket, emulator)
@@ -214,6 +205,49 @@ def test_parallel_runs_on_postgres_end_exactly_like_on_sqlite(
         assert brief["sha256"] == brief["ledger_sha256"]
     assert postgres["creates"] == len(briefs)  # one paid task per brief
     assert postgres["charges"] == [(90, False)] * len(briefs)
+
+
+# -- the paid-create pool -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_pool_row_is_created_at_the_profile_default_and_left_alone_once_set(postgres_instance):
+    storage = postgres_instance.event_log_storage
+    assert PAID_CREATE_POOL not in storage.get_concurrency_keys()  # a new database: Dagster makes it on first claim
+
+    ensure_pool_row(postgres_instance, PAID_CREATE_POOL)
+    (limit,) = storage.get_pool_limits()
+    assert (limit.name, limit.limit, limit.from_default) == (PAID_CREATE_POOL, 4, True)
+
+    storage.set_concurrency_slots(PAID_CREATE_POOL, 2)  # an operator's `dagster instance concurrency set`
+    ensure_pool_row(postgres_instance, PAID_CREATE_POOL)
+    assert storage.get_concurrency_info(PAID_CREATE_POOL).slot_count == 2
+
+
+@pytest.mark.postgres
+def test_a_run_that_loses_the_race_to_create_the_pool_row_goes_on(postgres_instance, monkeypatch):
+    """dagster-io/dagster#33552: another run created the row between this run's look and its INSERT. Dagster's
+    fallback UPDATE then runs in an aborted transaction; the run must not fail for it."""
+    storage = postgres_instance.event_log_storage
+    ensure_pool_row(postgres_instance, PAID_CREATE_POOL)  # the other run, first
+    real_keys = storage.get_concurrency_keys
+    looks = []
+
+    def keys_as_seen_by_this_run() -> set[str]:
+        looks.append(set() if not looks else real_keys())  # its first look predates the other run's INSERT
+        return looks[-1]
+
+    monkeypatch.setattr(storage, "get_concurrency_keys", keys_as_seen_by_this_run)
+
+    ensure_pool_row(postgres_instance, PAID_CREATE_POOL)
+
+    assert looks == [set(), {PAID_CREATE_POOL}]  # it tried to create the row, failed, and found it in place
+    assert storage.get_concurrency_info(PAID_CREATE_POOL).slot_count == 4
+
+
+def test_no_pool_row_where_the_instance_configures_no_pools(dagster_instance):
+    ensure_pool_row(dagster_instance, PAID_CREATE_POOL)
+    assert dagster_instance.event_log_storage.get_concurrency_keys() == set()
 
 
 # -- run retries of the profile --------------------------------------------------------------------------------------

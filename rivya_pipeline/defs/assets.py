@@ -31,7 +31,7 @@ from ..ledger import BudgetExceeded, StaleSubmission
 from ..polling import FIRST_POLL_SECONDS, TaskDeadlineExceeded, wait_for_terminal
 from ..rivya import FileObject, NotFound, RivyaError
 from ..rivya.media import MediaFetchError
-from .resources import BriefsResource, CreditLimitsResource, RivyaResource, VideoStorageResource
+from .resources import PAID_CREATE_POOL, BriefsResource, CreditLimitsResource, RivyaResource, VideoStorageResource
 
 briefs_partitions = DynamicPartitionsDefinition(name="briefs")
 GROUP = "video_generation"
@@ -119,7 +119,7 @@ def reference_uploads(
     partitions_def=briefs_partitions,
     group_name=GROUP,
     kinds={"rivya"},
-    pool="rivya_api",
+    pool=PAID_CREATE_POOL,
     description="The paid generation task (90 credits for kling-3-0). Submitted once per brief version with a "
     "deterministic Idempotency-Key, after the credit limits are checked; re-runs re-attach instead of paying again. "
     "Finishes at once: the `pending_generation_tasks` sensor polls it.",

@@ -11,6 +11,7 @@ from pathlib import Path
 from dagster import ConfigurableResource, DagsterInstance, InitResourceContext
 from dagster_postgres import PostgresRunStorage
 from pydantic import PrivateAttr
+from sqlalchemy.exc import DBAPIError
 
 from ..briefs import Brief, load_brief_by_id
 from ..ledger import CreditLimits, Ledger
@@ -19,6 +20,8 @@ from ..rivya import RetryPolicy, RivyaClient
 from ..rivya.media import MediaFetcher
 from ..storage import VideoStore, shared_s3_client
 
+# The pool of generation_task, the paid create: bounds creates in flight across all runs of an instance.
+PAID_CREATE_POOL = "rivya_api"
 # Polls are cheap to repeat on the next pass; do not let one stuck poll hold a sensor tick.
 POLL_RETRY = RetryPolicy(max_attempts=2, max_elapsed_seconds=5.0)
 
@@ -95,6 +98,10 @@ class CreditLimitsResource(ConfigurableResource):
 
     _ledger: Ledger | None = PrivateAttr(default=None)
 
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        if context.instance is not None:
+            ensure_pool_row(context.instance, PAID_CREATE_POOL)
+
     def ledger(self, instance: DagsterInstance) -> Ledger:
         """The ledger at `ledger_url`, or else beside the instance's own data (see `default_ledger_url`)."""
         if self._ledger is None:
@@ -104,6 +111,24 @@ class CreditLimitsResource(ConfigurableResource):
     def teardown_after_execution(self, context: InitResourceContext) -> None:
         if self._ledger is not None:
             self._ledger.close()
+
+
+def ensure_pool_row(instance: DagsterInstance, pool: str) -> None:
+    """Create a pool's row (at the instance's default limit) before any step of the run claims a slot in it.
+
+    Dagster creates it on the first claim, and on PostgreSQL two runs doing that at the same moment fail one of
+    them with a unique violation (dagster-io/dagster#33552). Here, the loser of that race finds the row in place.
+    """
+    storage = instance.event_log_storage
+    if not storage.supports_global_concurrency_limits or storage.get_pool_config().default_pool_limit is None:
+        return  # no pools configured: Dagster creates no row either
+    if pool in storage.get_concurrency_keys():
+        return
+    try:
+        storage.initialize_concurrency_limit_to_default(pool)
+    except DBAPIError:
+        if pool not in storage.get_concurrency_keys():
+            raise
 
 
 def default_ledger_url(instance: DagsterInstance) -> str:
