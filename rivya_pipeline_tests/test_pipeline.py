@@ -23,6 +23,7 @@ from sqlalchemy.exc import OperationalError
 
 from rivya_pipeline import polling
 from rivya_pipeline.briefs import load_briefs
+from rivya_pipeline.definitions import ASSETS
 from rivya_pipeline.defs import resources
 from rivya_pipeline.defs.assets import BATCH_TAG, STORED_VIDEO_CHECKS, TASK_TAG, generation_task
 from rivya_pipeline.defs.sensors import MAX_STORE_ATTEMPTS
@@ -163,6 +164,51 @@ def test_failed_generation_is_reported_with_its_refund_and_never_stored(pipeline
     assert [(c["task_id"], c["refunded"]) for c in stats["charges"]] == [(task_id, True)]
     assert stats["wallets"]["acct_test"] == TEST_CREDITS
     assert pipeline.ledger.find_by_task(task_id).status == "failed"
+
+
+def observed(result, asset: str) -> list[dict]:
+    """The AssetObservations a run recorded on `asset`."""
+    events = [event.event_specific_data.asset_observation for event in result.all_events if event.is_asset_observation]
+    return [
+        {"partition": event.partition, **metadata_values(event)}
+        for event in events
+        if event.asset_key.to_user_string() == asset
+    ]
+
+
+def test_one_run_of_all_four_assets_records_the_task_end_it_waited_for(pipeline, emulator):
+    """As the UI's "Materialize all" does: stored_video waits for the task itself, before any sensor poll."""
+    pipeline.add_partitions(["sunrise-timelapse"])
+    result = pipeline.materialize(ASSETS, "sunrise-timelapse")
+
+    created = materialization(result, "generation_task")
+    assert (created["status"], created["final_credits"]) == ("queued", 0)  # what the create answered
+    (ended,) = observed(result, "generation_task")
+    assert ended == {
+        "partition": "sunrise-timelapse",
+        "task_id": created["task_id"],
+        "status": "succeeded",
+        "reserved_credits": KLING_PRICE,
+        "final_credits": KLING_PRICE,
+        "refunded_credits": 0,
+    }
+    record = pipeline.ledger.find_by_task(created["task_id"])
+    assert (record.status, record.final_credits, record.stored_uri is not None) == ("succeeded", KLING_PRICE, True)
+    polls = emulator.stats()["requests"].get("get_generation", 0)
+    assert pipeline.tick().asset_events == [] and emulator.stats()["requests"].get("get_generation", 0) == polls
+
+
+def test_one_run_of_all_four_assets_records_a_failed_task_with_its_refund(pipeline, emulator, s3_bucket):
+    pipeline.write_brief("doomed.yaml", DOOMED_BRIEF)
+    pipeline.add_partitions(["doomed-balloon"])
+    result = pipeline.materialize(ASSETS, "doomed-balloon", raise_on_error=False)
+
+    assert not result.success and "failed (generation_failed)" in failure_text(result)
+    (ended,) = observed(result, "generation_task")
+    assert (ended["status"], ended["error_code"], ended["refunded_credits"]) == ("failed", "generation_failed", 90)
+    record = pipeline.ledger.latest_for_brief("doomed-balloon")
+    assert (record.status, record.refunded_credits, record.stored_uri) == ("failed", KLING_PRICE, None)
+    assert s3_keys(s3_bucket, f"{pipeline.settings.s3_prefix}/doomed-balloon/") == []
 
 
 def test_rerun_of_an_unchanged_brief_reattaches_instead_of_paying_again(pipeline, emulator):

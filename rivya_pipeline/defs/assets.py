@@ -16,6 +16,7 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
+    AssetObservation,
     DataVersion,
     DynamicPartitionsDefinition,
     Failure,
@@ -220,16 +221,35 @@ def submit_or_reattach(client, ledger, decision, deadline_minutes: int):
     if task.is_terminal:
         # A create replayed after a lost answer can return a task that has already ended, and nothing polls a
         # terminal task: record its outcome here, or a failure would be reported without its code and refund.
-        ledger.update_status(
-            task.id,
-            status=task.status,
-            final_credits=task.final_credits,
-            refunded_credits=task.refunded_credits,
-            error_code=task.error.code if task.error else None,
-            error_message=task.error.message if task.error else None,
-            polled_at=now,
-        )
+        record_terminal(ledger, task)
     return task
+
+
+def record_terminal(ledger, task) -> None:
+    """A terminal status seen outside the sensor's polls: the ledger stops polling the task and has its credits."""
+    ledger.update_status(
+        task.id,
+        status=task.status,
+        final_credits=task.final_credits,
+        refunded_credits=task.refunded_credits,
+        error_code=task.error.code if task.error else None,
+        error_message=task.error.message if task.error else None,
+        polled_at=datetime.now(UTC),
+    )
+
+
+def generation_task_observation(brief_id: str, task) -> AssetObservation:
+    """A task's status and credits after its create (they change when it ends), on its generation_task partition."""
+    metadata = {
+        "task_id": task.id,
+        "status": task.status,
+        "reserved_credits": task.reserved_credits,
+        "final_credits": task.final_credits,
+        "refunded_credits": task.refunded_credits,
+    }
+    if task.error:
+        metadata |= {"error_code": task.error.code, "error_message": task.error.message}
+    return AssetObservation("generation_task", partition=brief_id, metadata=metadata)
 
 
 # Partitioned like the asset: each brief's video has its own check results. Without partitions_def Dagster
@@ -262,7 +282,7 @@ def stored_video(
     rivya: RivyaResource,
     credit_limits: CreditLimitsResource,
     video_storage: VideoStorageResource,
-) -> MaterializeResult:
+) -> Iterator[AssetObservation | MaterializeResult]:
     handle = generation_task
     task_id = context.run.tags.get(TASK_TAG, handle.task_id)
     try:
@@ -271,6 +291,11 @@ def stored_video(
         )
     except TaskDeadlineExceeded as exc:
         raise Failure(str(exc), allow_retries=False) from None
+    ledger = credit_limits.ledger(context.instance)
+    record = ledger.find_by_task(task.id)
+    if record is not None and record.status != task.status:  # this step saw the end before the sensor did
+        record_terminal(ledger, task)
+        yield generation_task_observation(handle.brief_id, task)  # yielded, not logged: kept if the step fails
     if task.status == "failed":
         error = task.error.code if task.error else "generation_failed"
         raise Failure(
@@ -292,10 +317,8 @@ def stored_video(
                 "dagster_run_id": context.run_id,
             },
         )
-    credit_limits.ledger(context.instance).mark_stored(
-        task.id, uri=delivery.video.uri, sha256=delivery.video.sha256
-    )
-    return MaterializeResult(
+    ledger.mark_stored(task.id, uri=delivery.video.uri, sha256=delivery.video.sha256)
+    yield MaterializeResult(
         metadata=stored_video_metadata(delivery, task, handle),
         check_results=stored_video_checks(delivery, handle),
     )

@@ -23,7 +23,7 @@ from dagster import (
 
 from ..ledger import TaskRecord
 from ..polling import PollReport
-from .assets import TASK_TAG, stored_video
+from .assets import TASK_TAG, generation_task_observation, stored_video
 from .resources import CreditLimitsResource, RivyaResource
 
 TICK_TIME_BUDGET_SECONDS = 20.0
@@ -64,16 +64,7 @@ def task_observations(report: PollReport) -> list[AssetObservation]:
     """Status changes, timeouts and lost tasks, recorded on the generation_task partition."""
     events = []
     for record, task in report.changed:
-        metadata = {
-            "task_id": task.id,
-            "status": task.status,
-            "reserved_credits": task.reserved_credits,
-            "final_credits": task.final_credits,
-            "refunded_credits": task.refunded_credits,
-        }
-        if task.error:
-            metadata |= {"error_code": task.error.code, "error_message": task.error.message}
-        events.append(AssetObservation("generation_task", partition=record.brief_id, metadata=metadata))
+        events.append(generation_task_observation(record.brief_id, task))
     for record, status in [(r, "timed_out") for r in report.timed_out] + [(r, "not_found") for r in report.lost]:
         events.append(
             AssetObservation(
