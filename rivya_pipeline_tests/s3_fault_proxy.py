@@ -12,20 +12,20 @@ exceeds that budget is a different failure (a dead store) with its own tests.
 
 from __future__ import annotations
 
-import asyncio
 import random
-import socket
 import threading
-import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from types import TracebackType
 
 import httpx
-import uvicorn
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
+
+from rivya_pipeline.emulator.serving import BackgroundServers, bind, url_of
 
 # Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never forwarded. `expect` neither: httpx
 # does not do the "100 Continue" handshake, it streams the body on at once.
@@ -37,7 +37,6 @@ _FAULTS = (
     (500, "InternalError", "We encountered an internal error. Please try again."),
     (503, "SlowDown", "Please reduce your request rate."),
 )
-_STARTUP_TIMEOUT_SECONDS = 10.0
 
 
 def s3_operation(method: str, path: str, query: str) -> str:
@@ -83,34 +82,19 @@ class S3FaultProxy:
         self._injected: Counter[str] = Counter()
         self._forwarded: Counter[str] = Counter()
         self._client: httpx.AsyncClient | None = None
-        self._server: uvicorn.Server | None = None
-        self._socket: socket.socket | None = None
-        self._thread: threading.Thread | None = None
+        self._servers: BackgroundServers | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> S3FaultProxy:
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self._socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
-        config = uvicorn.Config(self, log_config=None, log_level="warning", access_log=False, lifespan="off")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), name="s3-fault-proxy", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + _STARTUP_TIMEOUT_SECONDS
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the S3 fault proxy did not start")
-            time.sleep(0.01)
+        sock = bind()
+        self.url = url_of(sock)
+        self._servers = BackgroundServers("s3-fault-proxy", [(self, sock)], around=self._upstream_client).start()
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=_STARTUP_TIMEOUT_SECONDS)
-        if self._socket is not None:
-            self._socket.close()
+        if self._servers is not None:
+            self._servers.stop()
 
     def __enter__(self) -> S3FaultProxy:
         return self.start()
@@ -120,12 +104,12 @@ class S3FaultProxy:
     ) -> None:
         self.stop()
 
-    async def _serve(self) -> None:
-        self._client = httpx.AsyncClient(base_url=self.upstream, timeout=httpx.Timeout(60.0), trust_env=False)
-        try:
-            await self._server.serve(sockets=[self._socket])
-        finally:
-            await self._client.aclose()
+    @asynccontextmanager
+    async def _upstream_client(self) -> AsyncIterator[None]:
+        """One client to the S3 server for the proxy's life, on the loop it serves on."""
+        async with httpx.AsyncClient(base_url=self.upstream, timeout=httpx.Timeout(60.0), trust_env=False) as client:
+            self._client = client
+            yield
 
     # -- tallies -----------------------------------------------------------------------------
 

@@ -6,14 +6,11 @@ import asyncio
 import hashlib
 import random
 import socket
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import botocore.exceptions
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -21,6 +18,7 @@ from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from rivya_pipeline.emulator.serving import BackgroundServers, bind, url_of
 from rivya_pipeline.rivya.media import MediaFetcher, MediaFetchError
 from rivya_pipeline.storage import MIN_PART_BYTES, VideoStore
 
@@ -121,18 +119,9 @@ def build_app(seen: list[SeenRequest]):
 @pytest.fixture(scope="module")
 def media_server() -> Iterator[MediaHost]:
     seen: list[SeenRequest] = []
-    config = uvicorn.Config(build_app(seen), host="127.0.0.1", port=0, log_level="critical", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "media host did not start"
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield MediaHost(base_url=f"http://127.0.0.1:{port}", seen=seen)
-    server.should_exit = True
-    thread.join()
+    sock = bind()
+    with BackgroundServers("media-host", [(build_app(seen), sock)], log_level="critical"):
+        yield MediaHost(base_url=url_of(sock), seen=seen)
 
 
 @pytest.fixture
