@@ -499,6 +499,19 @@ class Ledger:
         if conn.execute(select(tasks.c.task_id).where(tasks.c.task_id == task_id)).first() is None:
             raise LookupError(f"no ledger row for task {task_id}")
 
+    def unanswered_submits(self, *, sent_after: datetime, sent_before: datetime, limit: int) -> list[TaskRecord]:
+        """Creates sent but never answered (still "submitting": the run crashed or gave up), oldest first."""
+        return self._many(
+            select(tasks)
+            .where(
+                tasks.c.status == "submitting",
+                tasks.c.submitted_at > sent_after,
+                tasks.c.submitted_at <= sent_before,
+            )
+            .order_by(tasks.c.submitted_at, tasks.c.idempotency_key)
+            .limit(limit)
+        )
+
     def succeeded_unstored(self, limit: int) -> list[TaskRecord]:
         """Succeeded tasks whose video is not in the store yet, oldest first (their URLs expire)."""
         return self._many(

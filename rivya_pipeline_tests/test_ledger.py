@@ -458,6 +458,18 @@ def test_mark_timed_out_stops_polling_but_keeps_a_finished_task(ledger: Ledger) 
     assert ledger.due_for_poll(T0 + timedelta(days=1), limit=10) == []
 
 
+def test_unanswered_submits_are_the_submitting_rows_sent_in_the_window_oldest_first(ledger: Ledger) -> None:
+    minute = timedelta(minutes=1)
+    for key, sent in [("older", T0 - 20 * minute), ("old", T0 - 11 * minute), ("fresh", T0 - 9 * minute),
+                      ("forgotten", T0 - 24 * 60 * minute)]:
+        submit(ledger, key, brief_id=f"brief-{key}", now=sent)
+    submitted_task(ledger, "answered", now=T0 - 30 * minute)
+
+    window = {"sent_after": T0 - 23 * 60 * minute, "sent_before": T0 - 10 * minute}
+    assert [r.idempotency_key for r in ledger.unanswered_submits(**window, limit=10)] == ["older", "old"]
+    assert [r.idempotency_key for r in ledger.unanswered_submits(**window, limit=1)] == ["older"]
+
+
 def test_succeeded_unstored_until_marked_stored(ledger: Ledger) -> None:
     first = submitted_task(ledger, "first")
     second = submitted_task(ledger, "second")

@@ -15,6 +15,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +27,27 @@ from dagster import (
     Definitions,
     ReexecutionOptions,
     RetryPolicy,
+    RunsFilter,
     define_asset_job,
     execute_job,
 )
 
 from rivya_pipeline.briefs import load_brief_by_id
 from rivya_pipeline.definitions import ASSETS, build_resources
-from rivya_pipeline.defs.assets import TASK_TAG, briefs_partitions, generation_task, reference_uploads, video_brief
+from rivya_pipeline.defs import sensors
+from rivya_pipeline.defs.assets import (
+    RESEND_TAG,
+    TASK_TAG,
+    briefs_partitions,
+    generation_task,
+    reference_uploads,
+    video_brief,
+)
 from rivya_pipeline.defs.resources import default_ledger_url
+from rivya_pipeline.defs.sensors import RESEND_AFTER
 from rivya_pipeline.emulator import FAIL_MARKER, FaultRule, RivyaEmulator
 from rivya_pipeline.headless import QUIET_LOGS, HeadlessRun, failure_text
+from rivya_pipeline.ledger import RESEND_WINDOW
 from rivya_pipeline.rivya import RetryPolicy as ClientRetryPolicy
 from rivya_pipeline.settings import Settings
 from rivya_pipeline.storage import VideoStore, make_s3_client
@@ -295,6 +307,83 @@ def test_dagster_reexecution_of_a_run_whose_create_outcome_is_unknown_resends_an
     assert charges(emulator) == [(resent["task_id"], KLING_PRICE)]
     stats = emulator.stats()
     assert (stats["creates_performed"], stats["idempotent_replays"], stats["uploads_performed"]) == (1, 1, uploads)
+
+
+def clock_at(instant: datetime) -> type[datetime]:
+    """A `datetime` whose now() is `instant`: the sensor's view of that moment."""
+
+    class Then(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return instant
+
+    return Then
+
+
+def unanswered_create(pipeline: Pipeline, emulator: RivyaEmulator, brief_id: str):
+    """A submit run that gave up on its create (charged, answer lost) and left the ledger row "submitting"."""
+    pipeline.add_partitions([brief_id])
+    emulator.set_faults(ambiguous_create_faults())
+    failed = pipeline.submit(brief_id, raise_on_error=False)
+    assert failure_text(failed).startswith("Outcome of the create is unknown")
+    record = pipeline.ledger.get(idempotency_key(pipeline, brief_id))
+    assert record.status == "submitting"
+    return record
+
+
+def test_sensor_resends_a_create_left_unanswered_and_it_is_paid_once(pipeline, emulator, monkeypatch) -> None:
+    record = unanswered_create(pipeline, emulator, REFERENCE_BRIEF)
+
+    monkeypatch.setattr(sensors, "datetime", clock_at(record.submitted_at + RESEND_AFTER - timedelta(seconds=1)))
+    assert pipeline.tick().run_requests == []  # the create could still be in flight
+    monkeypatch.setattr(sensors, "datetime", clock_at(record.submitted_at + RESEND_AFTER + timedelta(seconds=1)))
+    (request,) = pipeline.tick().run_requests
+    assert (request.run_key, request.partition_key) == (f"{record.idempotency_key}:resend:0", REFERENCE_BRIEF)
+    assert request.asset_selection == [generation_task.key]
+
+    resent = materialization(pipeline.store(request), "generation_task")
+
+    assert (resent["action"], resent["idempotency_key"]) == ("resend", record.idempotency_key)
+    assert charges(emulator) == [(resent["task_id"], KLING_PRICE)]
+    assert emulator.stats()["creates_performed"] == 1
+    assert pipeline.ledger.get(record.idempotency_key).task_id == resent["task_id"]
+    assert [r.run_key for r in pipeline.tick().run_requests if ":resend:" in r.run_key] == []
+
+
+def test_resends_are_spaced_after_a_failed_one_and_bounded(pipeline, emulator, monkeypatch) -> None:
+    record = unanswered_create(pipeline, emulator, REFERENCE_BRIEF)
+    monkeypatch.setattr(sensors, "datetime", clock_at(record.submitted_at + RESEND_AFTER + timedelta(seconds=1)))
+    (first,) = pipeline.tick().run_requests
+    emulator.set_faults([FaultRule(endpoint="create_generation", kind="rate_limited", retry_after=0)])  # Rivya down
+    assert not pipeline.store(first, raise_on_error=False).success
+    (failed_run,) = pipeline.instance.get_run_records(RunsFilter(tags={RESEND_TAG: record.idempotency_key}))
+    ended = datetime.fromtimestamp(failed_run.end_time, UTC)
+
+    monkeypatch.setattr(sensors, "datetime", clock_at(ended + RESEND_AFTER - timedelta(seconds=1)))
+    assert pipeline.tick().run_requests == []
+    monkeypatch.setattr(sensors, "datetime", clock_at(ended + RESEND_AFTER + timedelta(seconds=1)))
+    (second,) = pipeline.tick().run_requests
+    assert second.run_key == f"{record.idempotency_key}:resend:1"
+
+    monkeypatch.setattr(sensors, "MAX_RESEND_ATTEMPTS", 1)
+    monkeypatch.setattr(sensors, "datetime", clock_at(ended + RESEND_WINDOW - RESEND_AFTER))
+    assert pipeline.tick().run_requests == []  # a person looks now; the failed runs say why
+    assert emulator.stats()["creates_performed"] == 1
+
+
+def test_a_resend_run_sends_nothing_once_the_brief_asks_for_something_else(pipeline, emulator, monkeypatch) -> None:
+    record = unanswered_create(pipeline, emulator, TEXT_BRIEF)
+    source = load_brief_by_id(pipeline.requests_path, TEXT_BRIEF).source
+    source.write_text(source.read_text().replace("prompt: ", "prompt: Edited. ", 1))
+    pipeline.materialize(["video_brief"], TEXT_BRIEF)  # its new version is what the partition now holds
+    monkeypatch.setattr(sensors, "datetime", clock_at(record.submitted_at + RESEND_AFTER + timedelta(seconds=1)))
+    (request,) = pipeline.tick().run_requests
+
+    refused = pipeline.store(request, raise_on_error=False)
+
+    assert failure_text(refused).startswith(f"This run was to re-send the unanswered create {record.idempotency_key}")
+    assert emulator.stats()["requests"]["create_generation"] == CLIENT_ATTEMPTS  # only the first run's loop
+    assert pipeline.ledger.get(record.idempotency_key).status == "submitting"
 
 
 def run_with_step_retries(pipeline: Pipeline, brief_id: str):

@@ -38,6 +38,7 @@ briefs_partitions = DynamicPartitionsDefinition(name="briefs")
 GROUP = "video_generation"
 BATCH_TAG = "rivya/batch"
 TASK_TAG = "rivya/task_id"
+RESEND_TAG = "rivya/resend"  # on a run the sensor launched to re-send one unanswered create: its Idempotency-Key
 DURATION_TOLERANCE_SECONDS = 0.5
 
 
@@ -134,6 +135,13 @@ def generation_task(
 ) -> MaterializeResult:
     request = video_brief.request
     key = request.idempotency_key()
+    resending = context.run.tags.get(RESEND_TAG)
+    if resending and resending != key:
+        raise Failure(
+            f"This run was to re-send the unanswered create {resending}, but brief {video_brief.id!r} now asks for "
+            "something else: nothing sent. The brief's own runs submit its new version.",
+            allow_retries=False,
+        )
     ledger = credit_limits.ledger(context.instance)
     client = rivya.client()
     try:

@@ -5,11 +5,17 @@ time, far under the 60 s tick limit), and whatever it did not reach stays due fo
 Store runs are requested from the ledger's "succeeded, not stored" rows on every tick, keyed by task
 id, so a tick that dies before its result is saved loses nothing and launches nothing twice; a store
 run that failed is requested again under a new key, up to three times.
+
+A create that never got its answer (the run died, or gave up on a transient error) would otherwise wait
+for a person: the sensor requests a generation_task run that re-sends it under the same Idempotency-Key
+(Rivya answers with the task it may already have charged), spaced and bounded like the store runs.
 """
 
+from datetime import UTC, datetime, timedelta
 
 from dagster import (
     AssetObservation,
+    AssetsDefinition,
     DagsterInstance,
     DagsterRunStatus,
     DefaultSensorStatus,
@@ -21,9 +27,9 @@ from dagster import (
     sensor,
 )
 
-from ..ledger import TaskRecord
+from ..ledger import RESEND_WINDOW, Ledger, TaskRecord
 from ..polling import PollReport
-from .assets import TASK_TAG, generation_task_observation, stored_video
+from .assets import RESEND_TAG, TASK_TAG, generation_task, generation_task_observation, stored_video
 from .resources import CreditLimitsResource, RivyaResource
 
 TICK_TIME_BUDGET_SECONDS = 20.0
@@ -31,23 +37,28 @@ MAX_POLLS_PER_TICK = 1000
 MAX_STORE_REQUESTS_PER_TICK = 200
 PARTITION_TAG = "dagster/partition"  # the tag Dagster puts on every run of one partition
 MAX_STORE_ATTEMPTS = 3  # storing is free; after 3 failed runs a person looks (the runs say why)
+# Longer than any create can take (the client gives up within ~3 min), so a create still in flight is never
+# re-sent; also the pause after a failed re-send run. Six of them cover an outage of about an hour.
+RESEND_AFTER = timedelta(minutes=10)
+MAX_RESEND_ATTEMPTS = 6
+MAX_RESEND_REQUESTS_PER_TICK = 50
+FAILED = [DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED]
+UNFINISHED = [
+    DagsterRunStatus.QUEUED,
+    DagsterRunStatus.NOT_STARTED,
+    DagsterRunStatus.STARTING,
+    DagsterRunStatus.STARTED,
+]
 
 
 def failed_store_runs(instance: DagsterInstance, task_id: str) -> int:
-    failed = [DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED]
-    return instance.get_runs_count(RunsFilter(tags={TASK_TAG: task_id}, statuses=failed))
+    return instance.get_runs_count(RunsFilter(tags={TASK_TAG: task_id}, statuses=FAILED))
 
 
-def store_in_progress(instance: DagsterInstance, brief_id: str) -> bool:
-    """A run of this partition that includes stored_video is under way (say, a launch from the UI)."""
-    unfinished = [
-        DagsterRunStatus.QUEUED,
-        DagsterRunStatus.NOT_STARTED,
-        DagsterRunStatus.STARTING,
-        DagsterRunStatus.STARTED,
-    ]
-    runs = instance.get_runs(RunsFilter(tags={PARTITION_TAG: brief_id}, statuses=unfinished))
-    return any(run.asset_selection is None or stored_video.key in run.asset_selection for run in runs)
+def run_in_progress(instance: DagsterInstance, brief_id: str, asset: AssetsDefinition) -> bool:
+    """A run of this partition that includes `asset` is under way (say, a launch from the UI)."""
+    runs = instance.get_runs(RunsFilter(tags={PARTITION_TAG: brief_id}, statuses=UNFINISHED))
+    return any(run.asset_selection is None or asset.key in run.asset_selection for run in runs)
 
 
 def store_run_request(record: TaskRecord, failed_attempts: int) -> RunRequest:
@@ -58,6 +69,35 @@ def store_run_request(record: TaskRecord, failed_attempts: int) -> RunRequest:
         asset_selection=[stored_video.key],
         tags={TASK_TAG: record.task_id},
     )
+
+
+def resend_requests(instance: DagsterInstance, ledger: Ledger, now: datetime) -> list[RunRequest]:
+    """generation_task runs for creates left unanswered, once no create can still be in flight, then every
+    RESEND_AFTER after a failed attempt, at most MAX_RESEND_ATTEMPTS times; within Rivya's idempotency window."""
+    requests = []
+    unanswered = ledger.unanswered_submits(
+        sent_after=now - RESEND_WINDOW, sent_before=now - RESEND_AFTER, limit=MAX_RESEND_REQUESTS_PER_TICK
+    )
+    for record in unanswered:
+        if ledger.latest_for_brief(record.brief_id).idempotency_key != record.idempotency_key:
+            continue  # an edited brief was submitted since: the partition's runs are about that one now
+        if run_in_progress(instance, record.brief_id, generation_task):
+            continue
+        failed = instance.get_run_records(RunsFilter(tags={RESEND_TAG: record.idempotency_key}, statuses=FAILED))
+        if len(failed) >= MAX_RESEND_ATTEMPTS:
+            continue
+        last_end = max((run.end_time for run in failed if run.end_time), default=None)
+        if last_end is not None and now - datetime.fromtimestamp(last_end, UTC) < RESEND_AFTER:
+            continue
+        requests.append(
+            RunRequest(
+                run_key=f"{record.idempotency_key}:resend:{len(failed)}",
+                partition_key=record.brief_id,
+                asset_selection=[generation_task.key],
+                tags={RESEND_TAG: record.idempotency_key},
+            )
+        )
+    return requests
 
 
 def task_observations(report: PollReport) -> list[AssetObservation]:
@@ -79,7 +119,7 @@ def task_observations(report: PollReport) -> list[AssetObservation]:
 @sensor(
     name="pending_generation_tasks",
     minimum_interval_seconds=5,
-    asset_selection=[stored_video],
+    asset_selection=[generation_task, stored_video],
     default_status=DefaultSensorStatus.RUNNING,
     # Plain text: the sensor page shows descriptions as typed (no Markdown, unlike asset pages).
     description="Polls Rivya for tasks that have no stored video yet (documented cadence, bounded per tick), "
@@ -100,11 +140,12 @@ def pending_generation_tasks(
         context.log.warning(f"task {record.task_id} (brief {record.brief_id}) passed its deadline; no longer polled")
     run_requests = []
     for record in ledger.succeeded_unstored(limit=MAX_STORE_REQUESTS_PER_TICK):
-        if store_in_progress(context.instance, record.brief_id):
+        if run_in_progress(context.instance, record.brief_id, stored_video):
             continue
         failed = failed_store_runs(context.instance, record.task_id)
         if failed < MAX_STORE_ATTEMPTS:
             run_requests.append(store_run_request(record, failed))
+    run_requests += resend_requests(context.instance, ledger, datetime.now(UTC))
     events = task_observations(report)
     if not run_requests and not events:
         return SkipReason(f"polled {report.polled} task(s), no status changes")
