@@ -5,6 +5,14 @@ from __future__ import annotations
 from dagster import Definitions, EnvVar, ExecutorDefinition, in_process_executor
 
 from .defs.assets import generation_task, reference_uploads, stored_video, video_brief
+from .defs.inputs import (
+    BRIEF_LOADER,
+    TASK_LOADER,
+    UPLOADS_LOADER,
+    brief_from_folder,
+    task_from_ledger,
+    uploads_from_event_log,
+)
 from .defs.resources import BriefsResource, CreditLimitsResource, RivyaResource, VideoStorageResource
 from .defs.schedules import build_discovery_schedule
 from .defs.sensors import pending_generation_tasks
@@ -40,6 +48,9 @@ def build_resources(settings: Settings) -> dict[str, object]:
             chunk_mb=settings.s3_chunk_mb,
         ),
         "briefs": BriefsResource(path=str(settings.requests_path)),
+        BRIEF_LOADER: brief_from_folder,
+        UPLOADS_LOADER: uploads_from_event_log,
+        TASK_LOADER: task_from_ledger,
     }
 
 

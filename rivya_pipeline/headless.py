@@ -19,13 +19,13 @@ from .briefs import Brief
 from .definitions import ASSETS, build_resources
 from .defs.assets import (
     BATCH_TAG,
-    TASK_TAG,
     briefs_partitions,
     generation_task,
     reference_uploads,
     stored_video,
     video_brief,
 )
+from .defs.inputs import TASK_TAG
 from .defs.schedules import PARTITION_BATCH
 from .ledger import Ledger, TaskRecord
 from .settings import Settings

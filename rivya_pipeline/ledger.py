@@ -120,6 +120,7 @@ class TaskRecord:
     stored_uri: str | None
     stored_sha256: str | None
     stored_at: datetime | None
+    body: dict[str, Any]  # the request as sent (and re-sent): model, prompt, params
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ _RECORD_FIELDS = tuple(f.name for f in fields(TaskRecord))
 
 def _record(row: Any) -> TaskRecord:
     mapping = row._mapping
-    return TaskRecord(**{name: mapping[name] for name in _RECORD_FIELDS})
+    return TaskRecord(**{name: mapping[name] for name in _RECORD_FIELDS} | {"body": json.loads(mapping["body"])})
 
 
 class Ledger:

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -37,12 +38,12 @@ from rivya_pipeline.definitions import ASSETS, build_resources
 from rivya_pipeline.defs import sensors
 from rivya_pipeline.defs.assets import (
     RESEND_TAG,
-    TASK_TAG,
     briefs_partitions,
     generation_task,
     reference_uploads,
     video_brief,
 )
+from rivya_pipeline.defs.inputs import TASK_TAG
 from rivya_pipeline.defs.resources import default_ledger_url
 from rivya_pipeline.defs.sensors import RESEND_AFTER
 from rivya_pipeline.emulator import FAIL_MARKER, FaultRule, RivyaEmulator
@@ -341,6 +342,7 @@ def test_sensor_resends_a_create_left_unanswered_and_it_is_paid_once(pipeline, e
     assert (request.run_key, request.partition_key) == (f"{record.idempotency_key}:resend:0", REFERENCE_BRIEF)
     assert request.asset_selection == [generation_task.key]
 
+    shutil.rmtree(pipeline.instance.storage_directory())  # the re-send runs elsewhere: no step output of the first
     resent = materialization(pipeline.store(request), "generation_task")
 
     assert (resent["action"], resent["idempotency_key"]) == ("resend", record.idempotency_key)
@@ -375,7 +377,6 @@ def test_a_resend_run_sends_nothing_once_the_brief_asks_for_something_else(pipel
     record = unanswered_create(pipeline, emulator, TEXT_BRIEF)
     source = load_brief_by_id(pipeline.requests_path, TEXT_BRIEF).source
     source.write_text(source.read_text().replace("prompt: ", "prompt: Edited. ", 1))
-    pipeline.materialize(["video_brief"], TEXT_BRIEF)  # its new version is what the partition now holds
     monkeypatch.setattr(sensors, "datetime", clock_at(record.submitted_at + RESEND_AFTER + timedelta(seconds=1)))
     (request,) = pipeline.tick().run_requests
 

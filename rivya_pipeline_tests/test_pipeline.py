@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from dagster import AssetCheckKey, AssetKey, DagsterRunStatus
 from dagster._core.event_api import PartitionKeyFilter
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
@@ -25,7 +27,8 @@ from rivya_pipeline import polling
 from rivya_pipeline.briefs import load_briefs
 from rivya_pipeline.definitions import ASSETS
 from rivya_pipeline.defs import resources
-from rivya_pipeline.defs.assets import BATCH_TAG, STORED_VIDEO_CHECKS, TASK_TAG, generation_task
+from rivya_pipeline.defs.assets import BATCH_TAG, STORED_VIDEO_CHECKS, generation_task
+from rivya_pipeline.defs.inputs import TASK_TAG
 from rivya_pipeline.defs.sensors import MAX_STORE_ATTEMPTS
 from rivya_pipeline.emulator import FAIL_MARKER, FaultRule
 from rivya_pipeline.headless import HeadlessRun, failure_text
@@ -174,6 +177,43 @@ def observed(result, asset: str) -> list[dict]:
         for event in events
         if event.asset_key.to_user_string() == asset
     ]
+
+
+def pickled_outputs(storage: Path) -> list[str]:
+    """The assets whose step outputs the default IO manager wrote to this machine's disk."""
+    return sorted(path.name for path in storage.glob("*") if path.name in {a.key.path[-1] for a in ASSETS})
+
+
+def test_store_run_needs_nothing_from_the_machine_that_ran_the_submit(pipeline, emulator, s3_bucket):
+    """Scaled out, the sensor's store run lands on another pod or worker: its input comes from the ledger."""
+    task_id = materialization(pipeline.submit("product-spin"), "generation_task")["task_id"]
+    storage = Path(pipeline.instance.storage_directory())
+    assert pickled_outputs(storage) == []  # inputs come from the briefs folder, the event log and the ledger
+    shutil.rmtree(storage, ignore_errors=True)  # the submit's machine is gone
+    (request,) = store_requests(pipeline.tick_until(store_requests)).values()
+
+    stored = materialization(pipeline.store(request), "stored_video")
+
+    assert stored["task_id"] == task_id
+    assert stored["s3_uri"].endswith(f"/product-spin/{task_id}.mp4")
+    sidecar = json.loads(s3_bytes(s3_bucket, f"{pipeline.settings.s3_prefix}/product-spin/{task_id}.json"))
+    assert sidecar["params"]["aspect_ratio"] == "1:1" and "referenceMediaItems" not in sidecar["params"]
+    assert pickled_outputs(storage) == []
+
+
+@pytest.mark.parametrize(
+    ("asset", "missing"),
+    [
+        ("generation_task", "No reference uploads for brief 'sunrise-timelapse': materialize reference_uploads first."),
+        ("stored_video", "The ledger holds no submitted task for brief 'sunrise-timelapse': materialize "
+         "generation_task first."),
+    ],
+)
+def test_an_asset_materialized_before_its_upstream_says_what_to_do(pipeline, emulator, asset, missing):
+    pipeline.add_partitions(["sunrise-timelapse"])
+    failed = pipeline.materialize([asset], "sunrise-timelapse", raise_on_error=False)
+    assert failure_text(failed) == missing
+    assert emulator.stats()["creates_performed"] == 0
 
 
 def test_one_run_of_all_four_assets_records_the_task_end_it_waited_for(pipeline, emulator):

@@ -7,7 +7,6 @@ Each asset is thin: the work lives in the client, the ledger, the poller and the
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,6 +15,7 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
+    AssetIn,
     AssetObservation,
     DataVersion,
     DynamicPartitionsDefinition,
@@ -32,29 +32,14 @@ from ..ledger import BudgetExceeded, StaleSubmission
 from ..polling import FIRST_POLL_SECONDS, TaskDeadlineExceeded, wait_for_terminal
 from ..rivya import FileObject, NotFound, RivyaError
 from ..rivya.media import MediaFetchError
+from .inputs import BRIEF_LOADER, TASK_LOADER, UPLOADS_LOADER, UPLOADS_METADATA, TaskHandle
 from .resources import PAID_CREATE_POOL, BriefsResource, CreditLimitsResource, RivyaResource, VideoStorageResource
 
 briefs_partitions = DynamicPartitionsDefinition(name="briefs")
 GROUP = "video_generation"
 BATCH_TAG = "rivya/batch"
-TASK_TAG = "rivya/task_id"
 RESEND_TAG = "rivya/resend"  # on a run the sensor launched to re-send one unanswered create: its Idempotency-Key
 DURATION_TOLERANCE_SECONDS = 0.5
-
-
-@dataclass(frozen=True)
-class TaskHandle:
-    """What downstream needs to find a task again: its id, key and what was asked."""
-
-    brief_id: str
-    task_id: str
-    idempotency_key: str
-    model: str
-    prompt: str
-    params: dict[str, Any]
-    price_credits: int
-    submitted_at: datetime
-    deadline_at: datetime
 
 
 @asset(
@@ -67,7 +52,6 @@ class TaskHandle:
 def video_brief(context: AssetExecutionContext, briefs: BriefsResource) -> MaterializeResult:
     brief = briefs.load(context.partition_key)
     return MaterializeResult(
-        value=brief,
         data_version=DataVersion(brief.content_hash),
         metadata={
             "prompt": brief.prompt,
@@ -84,6 +68,7 @@ def video_brief(context: AssetExecutionContext, briefs: BriefsResource) -> Mater
     partitions_def=briefs_partitions,
     group_name=GROUP,
     kinds={"rivya"},
+    ins={"video_brief": AssetIn(input_manager_key=BRIEF_LOADER)},
     description="The brief's reference images, uploaded through Rivya's Files API (free; no credits).",
 )
 def reference_uploads(
@@ -101,7 +86,6 @@ def reference_uploads(
         for i, ref in enumerate(video_brief.request.references)
     ]
     return MaterializeResult(
-        value=uploads,
         metadata={
             "files": MetadataValue.md(
                 "\n".join(
@@ -111,7 +95,7 @@ def reference_uploads(
                 )
                 or "No reference images (text-to-video)."
             ),
-            "file_ids": MetadataValue.json([f.id for f in uploads]),
+            UPLOADS_METADATA: MetadataValue.json([f.model_dump(mode="json", exclude_none=True) for f in uploads]),
             "count": len(uploads),
         },
     )
@@ -122,6 +106,10 @@ def reference_uploads(
     group_name=GROUP,
     kinds={"rivya"},
     pool=PAID_CREATE_POOL,
+    ins={
+        "video_brief": AssetIn(input_manager_key=BRIEF_LOADER),
+        "reference_uploads": AssetIn(input_manager_key=UPLOADS_LOADER),
+    },
     description="The paid generation task (90 credits for kling-3-0). Submitted once per brief version with a "
     "deterministic Idempotency-Key, after the credit limits are checked; re-runs re-attach instead of paying again. "
     "Finishes at once: the `pending_generation_tasks` sensor polls it.",
@@ -165,20 +153,7 @@ def generation_task(
             "brief to pay for a new one.",
             allow_retries=False,
         )
-    record = ledger.get(key)
-    handle = TaskHandle(
-        brief_id=video_brief.id,
-        task_id=task.id,
-        idempotency_key=key,
-        model=request.model,
-        prompt=request.prompt,
-        params=request.params,
-        price_credits=request.price_credits,
-        submitted_at=record.submitted_at,
-        deadline_at=record.deadline_at,
-    )
     return MaterializeResult(
-        value=handle,
         metadata={
             "task_id": task.id,
             "status": task.status,
@@ -281,6 +256,7 @@ with warnings.catch_warnings():
     group_name=GROUP,
     kinds={"s3"},
     check_specs=STORED_VIDEO_CHECKS,
+    ins={"generation_task": AssetIn(input_manager_key=TASK_LOADER)},
     description="The finished video in S3 ({prefix}/{brief}/{task}.mp4) with a JSON lineage sidecar, streamed from "
     "Rivya's media host and verified: decodable, right duration and aspect ratio, SHA-256 of the stored object.",
 )
@@ -292,10 +268,9 @@ def stored_video(
     video_storage: VideoStorageResource,
 ) -> Iterator[AssetObservation | MaterializeResult]:
     handle = generation_task
-    task_id = context.run.tags.get(TASK_TAG, handle.task_id)
     try:
         task = wait_for_terminal(
-            rivya.client(), task_id, submitted_at=handle.submitted_at, deadline_at=handle.deadline_at
+            rivya.client(), handle.task_id, submitted_at=handle.submitted_at, deadline_at=handle.deadline_at
         )
     except TaskDeadlineExceeded as exc:
         raise Failure(str(exc), allow_retries=False) from None

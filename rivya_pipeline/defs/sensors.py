@@ -29,7 +29,8 @@ from dagster import (
 
 from ..ledger import RESEND_WINDOW, Ledger, TaskRecord
 from ..polling import PollReport
-from .assets import RESEND_TAG, TASK_TAG, generation_task, generation_task_observation, stored_video
+from .assets import RESEND_TAG, generation_task, generation_task_observation, stored_video
+from .inputs import TASK_TAG
 from .resources import CreditLimitsResource, RivyaResource
 
 TICK_TIME_BUDGET_SECONDS = 20.0
