@@ -13,22 +13,19 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from pyrate_limiter import Duration, Limiter, Rate
 
-from .ledger import Ledger, StatusUpdate, TaskRecord
-from .rivya import GenerationTask, NotFound, RivyaClient, RivyaError
+from .ledger import StatusUpdate, TaskRecord, TaskTracker
+from .rivya import GenerationTask, NotFound, RivyaClient, RivyaError, TaskStatus
+from .settings import utc_now
 
 log = logging.getLogger(__name__)
 
 FIRST_POLL_SECONDS = 2.5
 # Answers recorded per ledger transaction: one commit per task made the ledger the slowest part of a tick.
 WRITE_BATCH = 100
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def next_poll_delay(age_seconds: float) -> float:
@@ -55,11 +52,11 @@ class PollReport:
 
     @property
     def succeeded(self) -> list[tuple[TaskRecord, GenerationTask]]:
-        return [(r, t) for r, t in self.changed if t.status == "succeeded"]
+        return [(r, t) for r, t in self.changed if t.status == TaskStatus.SUCCEEDED]
 
     @property
     def failed(self) -> list[tuple[TaskRecord, GenerationTask]]:
-        return [(r, t) for r, t in self.changed if t.status == "failed"]
+        return [(r, t) for r, t in self.changed if t.status == TaskStatus.FAILED]
 
 
 _limiters: dict[tuple[str, int], Limiter] = {}
@@ -103,8 +100,7 @@ class _Polled:
 
     record: TaskRecord
     polled_at: datetime
-    task: GenerationTask | None
-    error: RivyaError | None
+    answer: GenerationTask | RivyaError
 
 
 class TaskPoller:
@@ -114,7 +110,7 @@ class TaskPoller:
     def __init__(
         self,
         client: RivyaClient,
-        ledger: Ledger,
+        ledger: TaskTracker,
         *,
         requests_per_second: float,
         concurrency: int,
@@ -124,7 +120,7 @@ class TaskPoller:
         self._client = client
         self._ledger = ledger
         self._concurrency = concurrency
-        self._clock = clock or _utc_now
+        self._clock = clock or utc_now
         self._limiter = poll_rate_limiter(client.base_url, requests_per_second)
 
     def poll_due(self, *, max_tasks: int = 1000, time_budget_seconds: float = 20.0) -> PollReport:
@@ -135,7 +131,7 @@ class TaskPoller:
         to_poll = []
         for record in due:
             if record.deadline_at is not None and now >= record.deadline_at:
-                self._ledger.mark_timed_out(record.task_id, now)
+                self._ledger.mark_timed_out(record.accepted_task_id, now)
                 report.timed_out.append(record)
             else:
                 to_poll.append(record)
@@ -166,35 +162,46 @@ class TaskPoller:
         if left <= 0 or not self._limiter.try_acquire("poll", timeout=left):
             return None
         polled_at, started = self._clock(), time.monotonic()
+        answer: GenerationTask | RivyaError
         try:
-            task, error = self._client.get_generation(record.task_id), None
+            answer = self._client.get_generation(record.accepted_task_id)
         except RivyaError as exc:
-            task, error = None, exc
+            answer = exc
         budget.polled(time.monotonic() - started)
-        return _Polled(record, polled_at, task, error)
+        return _Polled(record, polled_at, answer)
 
     def _status_update(self, polled: _Polled, report: PollReport) -> StatusUpdate:
-        record, polled_at, task = polled.record, polled.polled_at, polled.task
-        if isinstance(polled.error, NotFound):
+        record, polled_at, answer = polled.record, polled.polled_at, polled.answer
+        if isinstance(answer, NotFound):
             # The API no longer knows the task (another account's key, or it expired): stop polling it.
             report.lost.append(record)
             return StatusUpdate(
-                record.task_id, "failed", 0, 0, polled_at,
-                error_code=polled.error.code, error_message=polled.error.message,
+                record.accepted_task_id,
+                TaskStatus.FAILED,
+                0,
+                0,
+                polled_at,
+                error_code=answer.code,
+                error_message=answer.message,
             )
-        if task is None:  # a transient failure: asked again on the next pass
-            log.warning("poll of task %s failed, retrying next pass: %s", record.task_id, polled.error)
-            report.errors.append((record, polled.error))
+        if isinstance(answer, RivyaError):  # a transient failure: asked again on the next pass
+            log.warning("poll of task %s failed, retrying next pass: %s", record.task_id, answer)
+            report.errors.append((record, answer))
             return StatusUpdate(
-                record.task_id, record.status, record.final_credits, record.refunded_credits, polled_at,
+                record.accepted_task_id,
+                record.status,
+                record.final_credits,
+                record.refunded_credits,
+                polled_at,
                 next_poll_at=polled_at + timedelta(seconds=10),
             )
+        task = answer
         report.polled += 1
         if task.status != record.status:
             report.changed.append((record, task))
         age = (polled_at - record.submitted_at).total_seconds()
         return StatusUpdate(
-            record.task_id,
+            record.accepted_task_id,
             task.status,
             task.final_credits,
             task.refunded_credits,
@@ -214,13 +221,13 @@ def wait_for_terminal(
 ) -> GenerationTask:
     """For a step that needs the result now (a manual materialization): same cadence, bounded by the deadline."""
     while True:
-        age = (datetime.now(UTC) - submitted_at).total_seconds()
+        age = (utc_now() - submitted_at).total_seconds()
         if age < FIRST_POLL_SECONDS:
             time.sleep(FIRST_POLL_SECONDS - age)
         task = client.get_generation(task_id)
         if task.is_terminal:
             return task
-        now = datetime.now(UTC)
+        now = utc_now()
         if now >= deadline_at:
             raise TaskDeadlineExceeded(f"task {task_id} is still {task.status} at its deadline {deadline_at:%H:%M:%S}Z")
         time.sleep(min(next_poll_delay((now - submitted_at).total_seconds()), (deadline_at - now).total_seconds()))

@@ -1,7 +1,8 @@
-"""Every non-secret setting, read from the environment in one place.
+"""Every non-secret setting, read from the environment in one place, and the defaults the whole package shares.
 
 The API key is deliberately NOT here: it only ever reaches the code through a Dagster `EnvVar`, so
-it is never part of run config, definitions metadata or this object's repr.
+it is never part of run config, definitions metadata or this object's repr. This module imports nothing from
+the package, so any module can take its constants from here.
 """
 
 from __future__ import annotations
@@ -9,14 +10,30 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import overload
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BASE_URL = "https://rivya.ai"
+REQUESTS_PATH_ENV = "RIVYA_REQUESTS_PATH"  # the briefs folder
+
+
+def utc_now() -> datetime:
+    """The clock every recorded time is read from: timezone-aware UTC (the ledger refuses naive times)."""
+    return datetime.now(UTC)
 
 
 class SettingsError(ValueError):
     """A setting has a value that cannot work; names the variable and the rule."""
+
+
+@overload
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int: ...
+
+
+@overload
+def _int(env: Mapping[str, str], name: str, default: None, minimum: int = 0) -> int | None: ...
 
 
 def _int(env: Mapping[str, str], name: str, default: int | None, minimum: int = 0) -> int | None:
@@ -56,6 +73,8 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
 
 @dataclass(frozen=True)
 class Settings:
+    """One field per variable. A resource field with the same name is filled from it (see `build_resources`)."""
+
     requests_path: Path
     base_url: str
     s3_bucket: str
@@ -79,7 +98,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        requests_path = Path(env.get("RIVYA_REQUESTS_PATH") or REPO_ROOT / "requests")
+        requests_path = Path(env.get(REQUESTS_PATH_ENV) or REPO_ROOT / "requests")
         return cls(
             requests_path=requests_path.resolve(),
             base_url=env.get("RIVYA_BASE_URL") or DEFAULT_BASE_URL,

@@ -2,6 +2,7 @@
 
 pytest_plugins = [
     "rivya_pipeline_tests.fixtures_emulator",
+    "rivya_pipeline_tests.fixtures_ledger",
     "rivya_pipeline_tests.fixtures_s3",
     "rivya_pipeline_tests.fixtures_pipeline",
     "rivya_pipeline_tests.fixtures_postgres",

@@ -10,6 +10,7 @@ import pytest
 
 from rivya_pipeline.emulator import DEFAULT_TEST_KEY, EmulatorConfig, RivyaEmulator
 from rivya_pipeline.emulator.config import DEFAULT_ACCOUNT
+from rivya_pipeline.rivya import RetryPolicy, RivyaClient
 
 TEST_API_KEY = DEFAULT_TEST_KEY
 TEST_ACCOUNT = DEFAULT_ACCOUNT
@@ -44,3 +45,10 @@ def configure_emulator(emulator: RivyaEmulator) -> Callable[..., RivyaEmulator]:
         return emulator
 
     return configure
+
+
+@pytest.fixture
+def client(emulator: RivyaEmulator) -> Iterator[RivyaClient]:
+    """A client of the test key that never retries, so each call is one request (test_client.py has its own)."""
+    with RivyaClient(TEST_API_KEY, emulator.base_url, retry=RetryPolicy(max_attempts=1)) as client:
+        yield client

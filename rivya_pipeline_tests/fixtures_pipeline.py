@@ -18,22 +18,21 @@ from dagster import (
     RunRequest,
     build_schedule_context,
     build_sensor_context,
-    materialize,
 )
 from dagster._core.definitions.schedule_definition import ScheduleExecutionData
 from dagster._core.definitions.sensor_definition import SensorExecutionData
 
-from rivya_pipeline.definitions import ASSETS, build_definitions, build_resources
+from rivya_pipeline.definitions import build_definitions, build_resources
 from rivya_pipeline.defs.assets import generation_task, reference_uploads, video_brief
 from rivya_pipeline.emulator import RivyaEmulator
-from rivya_pipeline.headless import QUIET_LOGS
+from rivya_pipeline.headless import materialize_brief
 from rivya_pipeline.ledger import Ledger
 from rivya_pipeline.settings import REPO_ROOT, Settings
 from rivya_pipeline_tests.fixtures_emulator import TEST_API_KEY
 
 SUBMIT_SELECTION = [video_brief, reference_uploads, generation_task]
 SAMPLE_BRIEFS = ("city-morph", "product-spin", "sunrise-timelapse")
-# The fast lifecycle: a task is terminal well before the sensor's first poll (2.5 s after submit).
+# A fast lifecycle: a task is terminal well before the sensor's first poll (2.5 s after submit).
 FAST_LIFECYCLE = {"queued_seconds": 0.1, "processing_seconds": 0.3}
 TICK_PAUSE_SECONDS = 0.5
 TICK_GIVE_UP_SECONDS = 30.0
@@ -59,14 +58,12 @@ class Pipeline:
     def materialize(
         self, selection: list, brief_id: str, tags: dict[str, str] | None = None, raise_on_error: bool = True
     ) -> ExecuteInProcessResult:
-        return materialize(
-            ASSETS,
-            selection=selection,
-            partition_key=brief_id,
+        return materialize_brief(
+            selection,
+            brief_id,
             instance=self.instance,
             resources=build_resources(self.settings),
             tags=tags,
-            run_config=QUIET_LOGS,
             raise_on_error=raise_on_error,
         )
 

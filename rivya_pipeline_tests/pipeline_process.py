@@ -17,17 +17,17 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
-from dagster import DagsterInstance, Definitions, materialize
+from dagster import DagsterInstance, Definitions
 from dagster._core.definitions.assets.job.asset_job import IMPLICIT_ASSET_JOB_NAME
 from dagster._core.definitions.reconstruct import ReconstructableJob, ReconstructableRepository
 
-from rivya_pipeline.definitions import ASSETS, build_definitions, build_resources
-from rivya_pipeline.headless import QUIET_LOGS, failure_text
-from rivya_pipeline.settings import REPO_ROOT, Settings
+from rivya_pipeline.definitions import build_definitions, build_resources
+from rivya_pipeline.headless import failure_text, materialize_brief
+from rivya_pipeline.settings import REPO_ROOT, REQUESTS_PATH_ENV, Settings
 
 # Settings field -> the variable Settings.from_env() reads it from.
 ENV_BY_SETTING = {
-    "requests_path": "RIVYA_REQUESTS_PATH",
+    "requests_path": REQUESTS_PATH_ENV,
     "base_url": "RIVYA_BASE_URL",
     "s3_bucket": "RIVYA_S3_BUCKET",
     "s3_prefix": "RIVYA_S3_PREFIX",
@@ -131,15 +131,8 @@ def _materialize(
     with DagsterInstance.get() as instance:
         if barrier is not None:
             barrier.wait(BARRIER_TIMEOUT_SECONDS)
-        result = materialize(
-            ASSETS,
-            selection=selection,
-            partition_key=brief_id,
-            instance=instance,
-            resources=build_resources(settings),
-            tags=tags,
-            run_config=QUIET_LOGS,
-            raise_on_error=False,
+        result = materialize_brief(
+            selection, brief_id, instance=instance, resources=build_resources(settings), tags=tags, raise_on_error=False
         )
     failure = None if result.success else failure_text(result)
     outcome_file.write_text(json.dumps({"success": result.success, "run_id": result.run_id, "failure": failure}))

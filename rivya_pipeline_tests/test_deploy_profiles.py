@@ -142,9 +142,10 @@ def test_helm_values_carry_the_limits_of_the_k8s_profile():
         "maxRetries": retries["max_retries"],
         "retryOnAssetOrOpFailure": retries["retry_on_asset_or_op_failure"],
     }
-    assert values["runLauncher"]["config"]["k8sRunLauncher"]["jobNamespace"] == profile["run_launcher"]["config"][
-        "job_namespace"
-    ]
+    assert (
+        values["runLauncher"]["config"]["k8sRunLauncher"]["jobNamespace"]
+        == profile["run_launcher"]["config"]["job_namespace"]
+    )
 
 
 @pytest.mark.parametrize(("name", "executor"), [("k8s", "k8s"), ("celery", "celery")])

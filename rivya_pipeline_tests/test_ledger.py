@@ -29,7 +29,7 @@ from rivya_pipeline.ledger import (
     StaleSubmission,
     SubmitDecision,
 )
-from rivya_pipeline.ledger_schema import ledger_meta
+from rivya_pipeline.ledger.schema import ledger_meta
 from rivya_pipeline_tests.fixtures_postgres import PG_ADMIN_URL, PG_SERVER, admin_connection
 
 T0 = datetime(2026, 5, 11, 12, 0, tzinfo=UTC)
@@ -460,8 +460,12 @@ def test_mark_timed_out_stops_polling_but_keeps_a_finished_task(ledger: Ledger) 
 
 def test_unanswered_submits_are_the_submitting_rows_sent_in_the_window_oldest_first(ledger: Ledger) -> None:
     minute = timedelta(minutes=1)
-    for key, sent in [("older", T0 - 20 * minute), ("old", T0 - 11 * minute), ("fresh", T0 - 9 * minute),
-                      ("forgotten", T0 - 24 * 60 * minute)]:
+    for key, sent in [
+        ("older", T0 - 20 * minute),
+        ("old", T0 - 11 * minute),
+        ("fresh", T0 - 9 * minute),
+        ("forgotten", T0 - 24 * 60 * minute),
+    ]:
         submit(ledger, key, brief_id=f"brief-{key}", now=sent)
     submitted_task(ledger, "answered", now=T0 - 30 * minute)
 

@@ -54,6 +54,7 @@ from rivya_pipeline.settings import Settings
 from rivya_pipeline.storage import VideoStore, make_s3_client
 from rivya_pipeline_tests.fixtures_emulator import TEST_ACCOUNT, TEST_CREDITS
 from rivya_pipeline_tests.fixtures_pipeline import FAST_LIFECYCLE, SUBMIT_SELECTION, Pipeline, store_requests
+from rivya_pipeline_tests.helpers import KLING_PRICE, materialization
 from rivya_pipeline_tests.pipeline_process import (
     RunProcess,
     implicit_asset_job,
@@ -62,7 +63,6 @@ from rivya_pipeline_tests.pipeline_process import (
     start_materialize,
 )
 
-KLING_PRICE = 90
 SUBMIT_NAMES = [asset.key.to_user_string() for asset in SUBMIT_SELECTION]
 UNPAID_STEPS = [video_brief, reference_uploads]  # everything before the paid create
 CLIENT_ATTEMPTS = ClientRetryPolicy().max_attempts  # what the Rivya resource's client tries per call
@@ -126,11 +126,6 @@ def run_env(settings: Settings, instance: DagsterInstance) -> dict[str, str]:
 
 def idempotency_key(pipeline: Pipeline, brief_id: str) -> str:
     return load_brief_by_id(pipeline.requests_path, brief_id).request.idempotency_key()
-
-
-def materialization(result, asset: str) -> dict:
-    (event,) = result.asset_materializations_for_node(asset)
-    return {key: value.value for key, value in event.metadata.items()}
 
 
 def charges(emulator: RivyaEmulator) -> list[tuple[str, int]]:
@@ -310,15 +305,9 @@ def test_dagster_reexecution_of_a_run_whose_create_outcome_is_unknown_resends_an
     assert (stats["creates_performed"], stats["idempotent_replays"], stats["uploads_performed"]) == (1, 1, uploads)
 
 
-def clock_at(instant: datetime) -> type[datetime]:
-    """A `datetime` whose now() is `instant`: the sensor's view of that moment."""
-
-    class Then(datetime):
-        @classmethod
-        def now(cls, tz=None):
-            return instant
-
-    return Then
+def set_sensor_clock(monkeypatch: pytest.MonkeyPatch, instant: datetime) -> None:
+    """From now on the sensor sees the time as `instant`."""
+    monkeypatch.setattr(sensors, "utc_now", lambda: instant)
 
 
 def unanswered_create(pipeline: Pipeline, emulator: RivyaEmulator, brief_id: str):
@@ -335,9 +324,9 @@ def unanswered_create(pipeline: Pipeline, emulator: RivyaEmulator, brief_id: str
 def test_sensor_resends_a_create_left_unanswered_and_it_is_paid_once(pipeline, emulator, monkeypatch) -> None:
     record = unanswered_create(pipeline, emulator, REFERENCE_BRIEF)
 
-    monkeypatch.setattr(sensors, "datetime", clock_at(record.submitted_at + RESEND_AFTER - timedelta(seconds=1)))
+    set_sensor_clock(monkeypatch, record.submitted_at + RESEND_AFTER - timedelta(seconds=1))
     assert pipeline.tick().run_requests == []  # the create could still be in flight
-    monkeypatch.setattr(sensors, "datetime", clock_at(record.submitted_at + RESEND_AFTER + timedelta(seconds=1)))
+    set_sensor_clock(monkeypatch, record.submitted_at + RESEND_AFTER + timedelta(seconds=1))
     (request,) = pipeline.tick().run_requests
     assert (request.run_key, request.partition_key) == (f"{record.idempotency_key}:resend:0", REFERENCE_BRIEF)
     assert request.asset_selection == [generation_task.key]
@@ -354,21 +343,21 @@ def test_sensor_resends_a_create_left_unanswered_and_it_is_paid_once(pipeline, e
 
 def test_resends_are_spaced_after_a_failed_one_and_bounded(pipeline, emulator, monkeypatch) -> None:
     record = unanswered_create(pipeline, emulator, REFERENCE_BRIEF)
-    monkeypatch.setattr(sensors, "datetime", clock_at(record.submitted_at + RESEND_AFTER + timedelta(seconds=1)))
+    set_sensor_clock(monkeypatch, record.submitted_at + RESEND_AFTER + timedelta(seconds=1))
     (first,) = pipeline.tick().run_requests
     emulator.set_faults([FaultRule(endpoint="create_generation", kind="rate_limited", retry_after=0)])  # Rivya down
     assert not pipeline.store(first, raise_on_error=False).success
     (failed_run,) = pipeline.instance.get_run_records(RunsFilter(tags={RESEND_TAG: record.idempotency_key}))
     ended = datetime.fromtimestamp(failed_run.end_time, UTC)
 
-    monkeypatch.setattr(sensors, "datetime", clock_at(ended + RESEND_AFTER - timedelta(seconds=1)))
+    set_sensor_clock(monkeypatch, ended + RESEND_AFTER - timedelta(seconds=1))
     assert pipeline.tick().run_requests == []
-    monkeypatch.setattr(sensors, "datetime", clock_at(ended + RESEND_AFTER + timedelta(seconds=1)))
+    set_sensor_clock(monkeypatch, ended + RESEND_AFTER + timedelta(seconds=1))
     (second,) = pipeline.tick().run_requests
     assert second.run_key == f"{record.idempotency_key}:resend:1"
 
     monkeypatch.setattr(sensors, "MAX_RESEND_ATTEMPTS", 1)
-    monkeypatch.setattr(sensors, "datetime", clock_at(ended + RESEND_WINDOW - RESEND_AFTER))
+    set_sensor_clock(monkeypatch, ended + RESEND_WINDOW - RESEND_AFTER)
     assert pipeline.tick().run_requests == []  # a person looks now; the failed runs say why
     assert emulator.stats()["creates_performed"] == 1
 
@@ -377,7 +366,7 @@ def test_a_resend_run_sends_nothing_once_the_brief_asks_for_something_else(pipel
     record = unanswered_create(pipeline, emulator, TEXT_BRIEF)
     source = load_brief_by_id(pipeline.requests_path, TEXT_BRIEF).source
     source.write_text(source.read_text().replace("prompt: ", "prompt: Edited. ", 1))
-    monkeypatch.setattr(sensors, "datetime", clock_at(record.submitted_at + RESEND_AFTER + timedelta(seconds=1)))
+    set_sensor_clock(monkeypatch, record.submitted_at + RESEND_AFTER + timedelta(seconds=1))
     (request,) = pipeline.tick().run_requests
 
     refused = pipeline.store(request, raise_on_error=False)

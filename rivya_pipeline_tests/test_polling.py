@@ -5,59 +5,30 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
 from rivya_pipeline.emulator import FAIL_MARKER, FaultRule, RivyaEmulator
-from rivya_pipeline.ledger import CreditLimits, Ledger, StatusUpdate
+from rivya_pipeline.ledger import Ledger, StatusUpdate
 from rivya_pipeline.polling import TaskPoller
-from rivya_pipeline.rivya import RetryPolicy, RivyaClient
-from rivya_pipeline_tests.fixtures_emulator import TEST_API_KEY
+from rivya_pipeline.rivya import RivyaClient
+from rivya_pipeline_tests.helpers import TASK_BODY, track_due_task
 
-BODY = {"model": "kling-3-0", "prompt": "A kite over a beach.", "params": {"duration": "5"}}
-NO_RETRY = RetryPolicy(max_attempts=1)
 FAST = {"requests_per_second": 1000, "concurrency": 8}
-
-
-@pytest.fixture
-def ledger(tmp_path: Path) -> Iterator[Ledger]:
-    ledger = Ledger(Ledger.default_url(tmp_path))
-    yield ledger
-    ledger.close()
-
-
-@pytest.fixture
-def client(emulator: RivyaEmulator) -> Iterator[RivyaClient]:
-    with RivyaClient(TEST_API_KEY, emulator.base_url, retry=NO_RETRY) as client:
-        yield client
-
-
-def record_due(ledger: Ledger, task_id: str, key: str) -> None:
-    """Track `task_id` as a submitted task whose first poll is due now."""
-    now = datetime.now(UTC)
-    ledger.begin_submit(
-        idempotency_key=key, brief_id="brief", run_id="run", model="kling-3-0", price_credits=90,
-        body=BODY, limits=CreditLimits(), wallet_credits=None,
-    )
-    ledger.record_task(
-        key, task_id=task_id, status="queued", reserved_credits=90, final_credits=0,
-        deadline_at=now + timedelta(hours=1), next_poll_at=now - timedelta(seconds=1),
-    )
 
 
 @pytest.fixture
 def submit(client: RivyaClient, ledger: Ledger) -> Callable[..., list[str]]:
     """`submit(count, prompt=...)`: creates tasks on the emulator and tracks them as due; returns their ids."""
 
-    def submit(count: int, prompt: str = BODY["prompt"]) -> list[str]:
+    def submit(count: int, prompt: str = TASK_BODY["prompt"]) -> list[str]:
         ids = []
         for _ in range(count):
             key = f"key-{uuid.uuid4().hex}"
-            task = client.create_generation(BODY | {"prompt": prompt}, idempotency_key=key)
-            record_due(ledger, task.id, key)
+            task = client.create_generation(TASK_BODY | {"prompt": prompt}, idempotency_key=key)
+            track_due_task(ledger, task.id, key)
             ids.append(task.id)
         return ids
 
@@ -89,7 +60,7 @@ def test_a_pass_records_every_change_and_never_asks_again_about_terminal_tasks(
 
 
 def test_a_task_the_api_does_not_know_is_reported_lost_and_dropped(emulator, client, ledger):
-    record_due(ledger, "task_unknown_to_the_api", "key-lost")
+    track_due_task(ledger, "task_unknown_to_the_api", "key-lost")
 
     report = TaskPoller(client, ledger, **FAST).poll_due()
 
@@ -111,9 +82,7 @@ def test_a_failed_poll_leaves_the_task_pending_and_asks_again_later(configure_em
     assert record.next_poll_at - record.last_polled_at == timedelta(seconds=10)
 
 
-def test_a_pass_stops_at_its_time_budget_and_the_rest_stay_due_for_the_next(
-    configure_emulator, client, ledger, submit
-):
+def test_a_pass_stops_at_its_time_budget_and_the_rest_stay_due_for_the_next(configure_emulator, client, ledger, submit):
     configure_emulator(queued_seconds=60)
     submit(12)
     poller = TaskPoller(client, ledger, requests_per_second=4, concurrency=4)

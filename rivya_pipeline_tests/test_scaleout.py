@@ -21,17 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter, materialize
+from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 from dagster._core.storage.tags import RUN_FAILURE_REASON_TAG, WILL_RETRY_TAG
 from dagster._core.test_utils import create_run_for_test
 from sqlalchemy import Connection, create_engine, inspect, text
 
 from rivya_pipeline.briefs import load_briefs
-from rivya_pipeline.definitions import ASSETS, build_resources
-from rivya_pipeline.defs.resources import PAID_CREATE_POOL, CreditLimitsResource, default_ledger_url, ensure_pool_row
-from rivya_pipeline.headless import QUIET_LOGS, HeadlessRun, failure_text
+from rivya_pipeline.definitions import build_resources
+from rivya_pipeline.defs.resources import PAID_CREATE_POOL, LedgerResource, default_ledger_url, ensure_pool_row
+from rivya_pipeline.headless import HeadlessRun, failure_text, materialize_brief
 from rivya_pipeline.ledger import Ledger
-from rivya_pipeline.settings import REPO_ROOT, Settings
+from rivya_pipeline.settings import REPO_ROOT, REQUESTS_PATH_ENV, Settings
 from rivya_pipeline_tests.fixtures_emulator import TEST_API_KEY
 from rivya_pipeline_tests.fixtures_pipeline import FAST_LIFECYCLE, SUBMIT_SELECTION
 from rivya_pipeline_tests.fixtures_postgres import PG_ADMIN_URL
@@ -58,7 +58,7 @@ def tables_in(database: str) -> set[str]:
 
 @pytest.mark.postgres
 def test_ledger_follows_a_postgres_instance_into_its_database(postgres_instance, postgres_home, pg_database):
-    ledger = CreditLimitsResource().ledger(postgres_instance)
+    ledger = LedgerResource().for_instance(postgres_instance)
     ledger.record_brief_versions({"harbour-dusk": "v1"})
 
     assert default_ledger_url(postgres_instance) == postgres_instance.run_storage.postgres_url
@@ -73,7 +73,7 @@ def test_ledger_follows_a_postgres_instance_into_its_database(postgres_instance,
 @pytest.mark.postgres
 def test_an_explicit_ledger_url_wins_over_the_instance_database(postgres_instance, pg_database, tmp_path):
     url = f"sqlite:///{tmp_path / 'elsewhere.sqlite'}"
-    ledger = CreditLimitsResource(ledger_url=url).ledger(postgres_instance)
+    ledger = LedgerResource(ledger_url=url).for_instance(postgres_instance)
     ledger.record_brief_versions({"harbour-dusk": "v1"})
 
     assert (tmp_path / "elsewhere.sqlite").exists()
@@ -82,7 +82,7 @@ def test_an_explicit_ledger_url_wins_over_the_instance_database(postgres_instanc
 
 
 def test_ledger_of_a_sqlite_instance_is_still_a_file_in_its_home(dagster_instance):
-    ledger = CreditLimitsResource().ledger(dagster_instance)
+    ledger = LedgerResource().for_instance(dagster_instance)
     ledger.record_brief_versions({"harbour-dusk": "v1"})
 
     assert default_ledger_url(dagster_instance) == Ledger.default_url(dagster_instance.root_directory)
@@ -111,7 +111,7 @@ def run_in_parallel(folders: list[Path], env: dict[str, str]) -> dict[str, dict[
     processes = [
         subprocess.Popen(
             [str(cli), *command, str(folder)],
-            env=env | {"RIVYA_REQUESTS_PATH": str(folder)},  # where the video_brief asset reads the brief again
+            env=env | {REQUESTS_PATH_ENV: str(folder)},  # where the video_brief asset reads the brief again
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -181,7 +181,13 @@ def check_postgres_instance_records(instance: DagsterInstance, brief_ids: set[st
 
 @pytest.mark.postgres
 def test_parallel_runs_on_postgres_end_exactly_like_on_sqlite(
-    tmp_path, postgres_home, pipeline_settings, dagster_instance, emulator, configure_emulator, s3_endpoint_url,
+    tmp_path,
+    postgres_home,
+    pipeline_settings,
+    dagster_instance,
+    emulator,
+    configure_emulator,
+    s3_endpoint_url,
     s3_bucket,
 ):
     folders = brief_folders(tmp_path / "briefs")
@@ -260,13 +266,11 @@ def test_profile_re_runs_a_dead_worker_but_never_a_step_that_refused_to_spend(
     settings = dataclasses.replace(pipeline_settings, ledger_url=None, max_credits_per_run=0)
     postgres_instance.add_dynamic_partitions("briefs", ["product-spin"])
 
-    refused = materialize(
-        ASSETS,
-        selection=SUBMIT_SELECTION,
-        partition_key="product-spin",
+    refused = materialize_brief(
+        SUBMIT_SELECTION,
+        "product-spin",
         instance=postgres_instance,
         resources=build_resources(settings),
-        run_config=QUIET_LOGS,
         raise_on_error=False,
     )
     crashed = create_run_for_test(postgres_instance, status=DagsterRunStatus.STARTED)

@@ -1,18 +1,15 @@
 """The asset graph, one partition per brief: video_brief -> reference_uploads -> generation_task -> stored_video.
 
-Each asset is thin: the work lives in the client, the ledger, the poller and the delivery module.
+Each asset is thin: the work lives in the client, the submission module, the ledger, the poller and the delivery
+module, and what it records is built in events.py. An asset turns the errors it can explain into a `Failure`
+that says whether a retry can help.
 """
-
 
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from dagster import (
-    AssetCheckResult,
-    AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
     AssetIn,
@@ -21,7 +18,6 @@ from dagster import (
     DynamicPartitionsDefinition,
     Failure,
     MaterializeResult,
-    MetadataValue,
     PreviewWarning,
     asset,
 )
@@ -29,17 +25,26 @@ from dagster import (
 from ..briefs import Brief
 from ..delivery import deliver_video
 from ..ledger import BudgetExceeded, StaleSubmission
-from ..polling import FIRST_POLL_SECONDS, TaskDeadlineExceeded, wait_for_terminal
-from ..rivya import FileObject, NotFound, RivyaError
+from ..polling import TaskDeadlineExceeded, wait_for_terminal
+from ..rivya import FileObject, TaskStatus
 from ..rivya.media import MediaFetchError
-from .inputs import BRIEF_LOADER, TASK_LOADER, UPLOADS_LOADER, UPLOADS_METADATA, TaskHandle
-from .resources import PAID_CREATE_POOL, BriefsResource, CreditLimitsResource, RivyaResource, VideoStorageResource
+from ..submission import SubmissionError, record_news, submit
+from . import events
+from .inputs import BRIEF_LOADER, TASK_LOADER, UPLOADS_LOADER, TaskHandle
+from .resources import (
+    PAID_CREATE_POOL,
+    BriefsResource,
+    CreditLimitsResource,
+    LedgerResource,
+    RivyaResource,
+    VideoStorageResource,
+)
 
-briefs_partitions = DynamicPartitionsDefinition(name="briefs")
+BRIEF_PARTITIONS = "briefs"  # the dynamic partitions: one per brief id
+briefs_partitions = DynamicPartitionsDefinition(name=BRIEF_PARTITIONS)
 GROUP = "video_generation"
 BATCH_TAG = "rivya/batch"
 RESEND_TAG = "rivya/resend"  # on a run the sensor launched to re-send one unanswered create: its Idempotency-Key
-DURATION_TOLERANCE_SECONDS = 0.5
 
 
 @asset(
@@ -51,17 +56,7 @@ DURATION_TOLERANCE_SECONDS = 0.5
 )
 def video_brief(context: AssetExecutionContext, briefs: BriefsResource) -> MaterializeResult:
     brief = briefs.load(context.partition_key)
-    return MaterializeResult(
-        data_version=DataVersion(brief.content_hash),
-        metadata={
-            "prompt": brief.prompt,
-            "params": MetadataValue.json(brief.request.params),
-            "model": brief.model,
-            "references": len(brief.references),
-            "price_credits": brief.request.price_credits,
-            "source": MetadataValue.path(str(brief.source)),
-        },
-    )
+    return MaterializeResult(data_version=DataVersion(brief.content_hash), metadata=events.brief_metadata(brief))
 
 
 @asset(
@@ -71,9 +66,7 @@ def video_brief(context: AssetExecutionContext, briefs: BriefsResource) -> Mater
     ins={"video_brief": AssetIn(input_manager_key=BRIEF_LOADER)},
     description="The brief's reference images, uploaded through Rivya's Files API (free; no credits).",
 )
-def reference_uploads(
-    context: AssetExecutionContext, video_brief: Brief, rivya: RivyaResource
-) -> MaterializeResult:
+def reference_uploads(context: AssetExecutionContext, video_brief: Brief, rivya: RivyaResource) -> MaterializeResult:
     client = rivya.client()
     uploads = [
         client.upload_file(
@@ -85,20 +78,7 @@ def reference_uploads(
         )
         for i, ref in enumerate(video_brief.request.references)
     ]
-    return MaterializeResult(
-        metadata={
-            "files": MetadataValue.md(
-                "\n".join(
-                    f"- `{f.id}` {ref.name} ({ref.mime_type}, {ref.size_bytes:,} bytes, sha256 `{ref.sha256[:16]}…`)"
-                    f" [{f.url}]({f.url})"
-                    for f, ref in zip(uploads, video_brief.request.references, strict=True)
-                )
-                or "No reference images (text-to-video)."
-            ),
-            UPLOADS_METADATA: MetadataValue.json([f.model_dump(mode="json", exclude_none=True) for f in uploads]),
-            "count": len(uploads),
-        },
-    )
+    return MaterializeResult(metadata=events.uploads_metadata(uploads, video_brief.request))
 
 
 @asset(
@@ -120,119 +100,37 @@ def generation_task(
     reference_uploads: list[FileObject],
     rivya: RivyaResource,
     credit_limits: CreditLimitsResource,
+    ledger: LedgerResource,
 ) -> MaterializeResult:
-    request = video_brief.request
-    key = request.idempotency_key()
-    resending = context.run.tags.get(RESEND_TAG)
-    if resending and resending != key:
-        raise Failure(
-            f"This run was to re-send the unanswered create {resending}, but brief {video_brief.id!r} now asks for "
-            "something else: nothing sent. The brief's own runs submit its new version.",
-            allow_retries=False,
-        )
-    ledger = credit_limits.ledger(context.instance)
-    client = rivya.client()
+    refuse_a_resend_of_another_version(context, video_brief)
     try:
-        decision = ledger.begin_submit(
-            idempotency_key=key,
+        submitted = submit(
+            rivya.client(),
+            ledger.for_instance(context.instance),
+            video_brief.request,
+            reference_uploads,
             brief_id=video_brief.id,
-            run_id=context.run.tags.get(BATCH_TAG, context.run_id),
-            model=request.model,
-            price_credits=request.price_credits,
-            body=request.api_body(reference_uploads, client_request_id=context.run_id),
+            budget_run_id=context.run.tags.get(BATCH_TAG, context.run_id),
+            client_request_id=context.run_id,
             limits=credit_limits.limits(),
-            wallet_credits=client.get_credits,
+            deadline=rivya.task_deadline(),
         )
     except (BudgetExceeded, StaleSubmission) as exc:
         raise Failure(f"Not submitted: {exc}", allow_retries=False) from None
-    task = submit_or_reattach(client, ledger, decision, credit_limits.task_deadline_minutes)
-    if task.status == "failed":
+    except SubmissionError as exc:
+        raise Failure(str(exc), allow_retries=exc.retryable) from None
+    return MaterializeResult(metadata=events.submitted_metadata(submitted, video_brief.request))
+
+
+def refuse_a_resend_of_another_version(context: AssetExecutionContext, brief: Brief) -> None:
+    """A run the sensor launched to re-send one unanswered create sends that create or nothing."""
+    resending = context.run.tags.get(RESEND_TAG)
+    if resending and resending != brief.request.idempotency_key():
         raise Failure(
-            f"Task {task.id} for brief {video_brief.id!r} failed ({task.error.code if task.error else '?'}; "
-            f"{task.refunded_credits} credits refunded). It is not resubmitted silently: bump `regenerate` in the "
-            "brief to pay for a new one.",
+            f"This run was to re-send the unanswered create {resending}, but brief {brief.id!r} now asks for "
+            "something else: nothing sent. The brief's own runs submit its new version.",
             allow_retries=False,
         )
-    return MaterializeResult(
-        metadata={
-            "task_id": task.id,
-            "status": task.status,
-            "action": decision.action,
-            "reserved_credits": task.reserved_credits,
-            "final_credits": task.final_credits,
-            "refunded_credits": task.refunded_credits,
-            "prompt": request.prompt,
-            "params": MetadataValue.json(request.params),
-            "idempotency_key": key,
-            "client_request_id": decision.body.get("client_request_id", ""),
-        },
-    )
-
-
-def submit_or_reattach(client, ledger, decision, deadline_minutes: int):
-    """Create the task (or re-send the stored request) and record it; a known task is only looked up."""
-    if decision.action == "reattach":
-        try:
-            return client.get_generation(decision.task_id)
-        except NotFound:
-            raise Failure(
-                f"The ledger holds task {decision.task_id} for this request but the API does not know it "
-                "(another account or base URL?). Not resubmitting: bump `regenerate` to pay for a new task.",
-                allow_retries=False,
-            ) from None
-    try:
-        task = client.create_generation(decision.body, idempotency_key=decision.idempotency_key)
-    except RivyaError as exc:
-        if not exc.retryable:
-            ledger.release(decision.idempotency_key)
-            raise Failure(f"Rivya refused the task: {exc}", allow_retries=False) from None
-        raise Failure(
-            f"Outcome of the create is unknown ({exc}); a re-run re-sends the same request with the same "
-            "Idempotency-Key, so it cannot pay twice.",
-            allow_retries=True,
-        ) from None
-    now = datetime.now(UTC)
-    ledger.record_task(
-        decision.idempotency_key,
-        task_id=task.id,
-        status=task.status,
-        reserved_credits=task.reserved_credits,
-        final_credits=task.final_credits,
-        deadline_at=now + timedelta(minutes=deadline_minutes),
-        next_poll_at=now + timedelta(seconds=FIRST_POLL_SECONDS),
-    )
-    if task.is_terminal:
-        # A create replayed after a lost answer can return a task that has already ended, and nothing polls a
-        # terminal task: record its outcome here, or a failure would be reported without its code and refund.
-        record_terminal(ledger, task)
-    return task
-
-
-def record_terminal(ledger, task) -> None:
-    """A terminal status seen outside the sensor's polls: the ledger stops polling the task and has its credits."""
-    ledger.update_status(
-        task.id,
-        status=task.status,
-        final_credits=task.final_credits,
-        refunded_credits=task.refunded_credits,
-        error_code=task.error.code if task.error else None,
-        error_message=task.error.message if task.error else None,
-        polled_at=datetime.now(UTC),
-    )
-
-
-def generation_task_observation(brief_id: str, task) -> AssetObservation:
-    """A task's status and credits after its create (they change when it ends), on its generation_task partition."""
-    metadata = {
-        "task_id": task.id,
-        "status": task.status,
-        "reserved_credits": task.reserved_credits,
-        "final_credits": task.final_credits,
-        "refunded_credits": task.refunded_credits,
-    }
-    if task.error:
-        metadata |= {"error_code": task.error.code, "error_message": task.error.message}
-    return AssetObservation("generation_task", partition=brief_id, metadata=metadata)
 
 
 # Partitioned like the asset: each brief's video has its own check results. Without partitions_def Dagster
@@ -242,12 +140,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", PreviewWarning)
     STORED_VIDEO_CHECKS = [
         AssetCheckSpec(name, asset="stored_video", blocking=True, partitions_def=briefs_partitions, description=text)
-        for name, text in [
-            ("decodable_mp4", "Every frame decodes."),
-            ("duration_matches", "Within ±0.5 s of the brief."),
-            ("aspect_ratio_matches", "Frame matches the brief."),
-            ("sha256_matches", "S3 object = bytes received."),
-        ]
+        for name, text in events.STORED_VIDEO_CHECK_DESCRIPTIONS.items()
     ]
 
 
@@ -264,7 +157,7 @@ def stored_video(
     context: AssetExecutionContext,
     generation_task: TaskHandle,
     rivya: RivyaResource,
-    credit_limits: CreditLimitsResource,
+    ledger: LedgerResource,
     video_storage: VideoStorageResource,
 ) -> Iterator[AssetObservation | MaterializeResult]:
     handle = generation_task
@@ -274,12 +167,10 @@ def stored_video(
         )
     except TaskDeadlineExceeded as exc:
         raise Failure(str(exc), allow_retries=False) from None
-    ledger = credit_limits.ledger(context.instance)
-    record = ledger.find_by_task(task.id)
-    if record is not None and record.status != task.status:  # this step saw the end before the sensor did
-        record_terminal(ledger, task)
-        yield generation_task_observation(handle.brief_id, task)  # yielded, not logged: kept if the step fails
-    if task.status == "failed":
+    tasks = ledger.for_instance(context.instance)
+    if record_news(tasks, task):  # this step saw the end before the sensor did
+        yield events.generation_task_observation(handle.brief_id, task)  # yielded, not logged: kept if the step fails
+    if task.status == TaskStatus.FAILED:
         error = task.error.code if task.error else "generation_failed"
         raise Failure(
             f"Task {task.id} failed ({error}); {task.refunded_credits} credits refunded. Nothing stored.",
@@ -291,19 +182,12 @@ def stored_video(
             brief_id=handle.brief_id,
             fetcher=fetcher,
             store=video_storage.store(),
-            lineage={
-                "brief_id": handle.brief_id,
-                "model": handle.model,
-                "prompt": handle.prompt,
-                "params": handle.params,
-                "idempotency_key": handle.idempotency_key,
-                "dagster_run_id": context.run_id,
-            },
+            lineage=events.sidecar_lineage(handle, context.run_id),
         )
-    ledger.mark_stored(task.id, uri=delivery.video.uri, sha256=delivery.video.sha256)
+    tasks.mark_stored(task.id, uri=delivery.video.uri, sha256=delivery.video.sha256)
     yield MaterializeResult(
-        metadata=stored_video_metadata(delivery, task, handle),
-        check_results=stored_video_checks(delivery, handle),
+        metadata=events.stored_video_metadata(delivery, task, handle),
+        check_results=events.stored_video_checks(delivery, handle),
     )
 
 
@@ -315,55 +199,3 @@ def refused_media_reported(task_id: str) -> Iterator[None]:
     except MediaFetchError as exc:
         transient = exc.reason in ("http_status", "transport")
         raise Failure(f"Result video of task {task_id} not stored: {exc}", allow_retries=transient) from None
-
-
-def stored_video_metadata(delivery, task, handle: TaskHandle) -> dict[str, Any]:
-    """The stored video's partition page says what the video shows (the prompt), not only where it is."""
-    probe = delivery.probe
-    return {
-        "s3_uri": delivery.video.uri,
-        "s3_link": MetadataValue.url(delivery.video.console_url),
-        "sidecar": delivery.sidecar.uri,
-        "task_id": task.id,
-        "prompt": handle.prompt,
-        "reserved_credits": task.reserved_credits,
-        "final_credits": task.final_credits,
-        "refunded_credits": task.refunded_credits,
-        "bytes": delivery.video.size_bytes,
-        "sha256": delivery.video.sha256,
-        "duration_seconds": probe.duration_seconds if probe else None,
-        "resolution": probe.resolution if probe else None,
-        "codec": probe.codec if probe else None,
-        "transfer_mb_per_s": round(delivery.mb_per_second, 1),
-    }
-
-
-def stored_video_checks(delivery, handle: TaskHandle) -> list[AssetCheckResult]:
-    probe = delivery.probe
-    wanted_duration = float(handle.params.get("duration", 0))
-    wanted_aspect = str(handle.params.get("aspect_ratio", ""))
-    duration_ok = probe is not None and abs(probe.duration_seconds - wanted_duration) <= DURATION_TOLERANCE_SECONDS
-    aspect_ok = probe is not None and bool(wanted_aspect) and probe.matches_aspect(wanted_aspect)
-    return [
-        AssetCheckResult(
-            check_name="decodable_mp4",
-            passed=probe is not None,
-            metadata={"frames": probe.frames if probe else 0, "error": delivery.probe_error or ""},
-        ),
-        AssetCheckResult(
-            check_name="duration_matches",
-            passed=duration_ok,
-            metadata={"wanted": wanted_duration, "actual": probe.duration_seconds if probe else -1.0},
-        ),
-        AssetCheckResult(
-            check_name="aspect_ratio_matches",
-            passed=aspect_ok,
-            metadata={"wanted": wanted_aspect, "actual": probe.resolution if probe else ""},
-        ),
-        AssetCheckResult(
-            check_name="sha256_matches",
-            passed=delivery.stored_sha256 == delivery.video.sha256,
-            severity=AssetCheckSeverity.ERROR,
-            metadata={"received": delivery.video.sha256, "stored": delivery.stored_sha256},
-        ),
-    ]

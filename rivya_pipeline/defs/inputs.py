@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from dagster import AssetRecordsFilter, Failure, InputContext, input_manager
 
@@ -56,14 +56,16 @@ def uploads_from_event_log(context: InputContext) -> list[FileObject]:
             f"No reference uploads for brief {context.asset_partition_key!r}: materialize reference_uploads first.",
             allow_retries=False,
         )
-    uploads = records[0].asset_materialization.metadata[UPLOADS_METADATA].value
+    materialization = records[0].asset_materialization
+    assert materialization is not None  # a materialization's record holds it
+    uploads = cast(list[dict[str, Any]], materialization.metadata[UPLOADS_METADATA].value)  # JSON, see events.py
     return [FileObject.model_validate(upload) for upload in uploads]
 
 
-@input_manager(required_resource_keys={"credit_limits"})
+@input_manager(required_resource_keys={"ledger"})
 def task_from_ledger(context: InputContext) -> TaskHandle:
     """The task named by the run's `rivya/task_id` tag, or else the partition's latest submitted task."""
-    ledger = context.resources.credit_limits.ledger(context.instance)
+    ledger = context.resources.ledger.for_instance(context.instance)
     brief_id = context.asset_partition_key
     task_id = context.step_context.run_tags.get(TASK_TAG)
     record = ledger.find_by_task(task_id) if task_id else ledger.latest_for_brief(brief_id)

@@ -1,57 +1,80 @@
-"""Dagster resources: Rivya credentials, credit limits (with their ledger), S3 and the briefs folder.
+"""Dagster resources: the Rivya credentials and polling, the credit limits, the ledger, S3 and the briefs folder.
 
 The API key is a field filled by `EnvVar("RIVYA_API_KEY")`, so the UI and run config show the
-variable's name, never its value.
+variable's name, never its value. Every other field has the name of the setting it is built from
+(`settings.Settings`, see `from_settings`), and a description the UI shows on the resource's page.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 from dagster import ConfigurableResource, DagsterInstance, InitResourceContext
 from dagster_postgres import PostgresRunStorage
-from pydantic import PrivateAttr
+from pydantic import Field, PrivateAttr
 from sqlalchemy.exc import DBAPIError
 
 from ..briefs import Brief, load_brief_by_id
-from ..ledger import CreditLimits, Ledger
+from ..ledger import CreditLimits, Ledger, TaskTracker
 from ..polling import TaskPoller
 from ..rivya import RetryPolicy, RivyaClient
 from ..rivya.media import MediaFetcher
+from ..settings import DEFAULT_BASE_URL, Settings
 from ..storage import VideoStore, shared_s3_client
 
 # The pool of generation_task, the paid create: bounds creates in flight across all runs of an instance.
 PAID_CREATE_POOL = "rivya_api"
 # Polls are cheap to repeat on the next pass; do not let one stuck poll hold a sensor tick.
 POLL_RETRY = RetryPolicy(max_attempts=2, max_elapsed_seconds=5.0)
+Resource = TypeVar("Resource", bound=ConfigurableResource)
+
+
+def from_settings(resource: type[Resource], settings: Settings, **values: Any) -> Resource:
+    """`resource` with every field that has a setting of the same name set from it, and `values` for the rest."""
+    configured = {name: getattr(settings, name) for name in resource.model_fields if hasattr(settings, name)}
+    return resource(**{name: str(v) if isinstance(v, Path) else v for name, v in configured.items()}, **values)
 
 
 class RivyaResource(ConfigurableResource):
-    """Rivya Public API v1: key, base URL, timeouts, poll rate and the media download rules."""
+    """Rivya Public API v1: key, base URL, timeouts, how tasks are polled and the media download rules."""
 
-    api_key: str
-    base_url: str = "https://rivya.ai"
-    timeout_seconds: float = 30.0
-    poll_requests_per_second: float = 20.0
-    poll_concurrency: int = 16
-    allow_local_media: bool = False
-    max_media_mb: int = 2048
+    api_key: str = Field(description="Rivya API key (rvya_sk_...). Set it through the RIVYA_API_KEY variable.")
+    base_url: str = Field(default=DEFAULT_BASE_URL, description="Origin of the Rivya API.")
+    request_timeout_seconds: float = Field(
+        default=30.0, description="Timeout of one API request; result downloads get four times as long."
+    )
+    poll_requests_per_second: float = Field(
+        default=20.0, description="Status requests per second at most, shared by every poller of a process."
+    )
+    poll_concurrency: int = Field(default=16, description="Status requests in flight at once during a poll pass.")
+    task_deadline_minutes: int = Field(
+        default=30, description="A task not finished this long after its create is reported, no longer polled."
+    )
+    allow_local_media: bool = Field(
+        default=False, description="Accept result URLs on local or private addresses (the local emulator only)."
+    )
+    max_media_mb: int = Field(default=2048, description="Largest result video downloaded, in MB.")
 
     _client: RivyaClient | None = PrivateAttr(default=None)
     _poll_client: RivyaClient | None = PrivateAttr(default=None)
 
     def client(self) -> RivyaClient:
         if self._client is None:
-            self._client = RivyaClient(self.api_key, self.base_url, timeout_seconds=self.timeout_seconds)
+            self._client = RivyaClient(self.api_key, self.base_url, timeout_seconds=self.request_timeout_seconds)
         return self._client
 
-    def poller(self, ledger: Ledger) -> TaskPoller:
+    def task_deadline(self) -> timedelta:
+        return timedelta(minutes=self.task_deadline_minutes)
+
+    def poller(self, ledger: TaskTracker) -> TaskPoller:
         if self._poll_client is None:
             # One pool shared by all poll threads, a connection each: a smaller pool makes them queue for sockets.
             self._poll_client = RivyaClient(
                 self.api_key,
                 self.base_url,
-                timeout_seconds=self.timeout_seconds,
+                timeout_seconds=self.request_timeout_seconds,
                 retry=POLL_RETRY,
                 max_connections=self.poll_concurrency,
             )
@@ -67,7 +90,7 @@ class RivyaResource(ConfigurableResource):
         return MediaFetcher(
             allow_local=self.allow_local_media,
             max_bytes=self.max_media_mb * 1_000_000,
-            timeout=self.timeout_seconds * 4,
+            timeout=self.request_timeout_seconds * 4,
         )
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
@@ -77,17 +100,21 @@ class RivyaResource(ConfigurableResource):
 
 
 class CreditLimitsResource(ConfigurableResource):
-    """Spend caps enforced before every paid submit, against a ledger shared by all run processes.
+    """Spend caps checked before every paid submit, against the ledger shared by all run processes.
 
     "Per run" means one pipeline run: a CLI invocation or one tick of the discovery schedule
     (the `rivya/batch` tag), or a single Dagster run when launched by hand.
     """
 
-    max_credits_per_run: int | None = None
-    max_credits_per_day: int | None = None
-    min_wallet_credits: int = 0
-    ledger_url: str | None = None
-    task_deadline_minutes: int = 30
+    max_credits_per_run: int | None = Field(
+        default=None, description="Credits one pipeline run may reserve; empty for no cap."
+    )
+    max_credits_per_day: int | None = Field(
+        default=None, description="Credits all runs together may reserve in any 24 hours; empty for no cap."
+    )
+    min_wallet_credits: int = Field(
+        default=0, description="Credits that must remain in the Rivya wallet after a submit; 0 for no floor."
+    )
 
     def limits(self) -> CreditLimits:
         return CreditLimits(
@@ -96,13 +123,23 @@ class CreditLimitsResource(ConfigurableResource):
             min_wallet_credits=self.min_wallet_credits,
         )
 
+
+class LedgerResource(ConfigurableResource):
+    """The spend ledger, one per instance: every run process and the sensor share it."""
+
+    ledger_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the ledger; empty: the instance's PostgreSQL database, or a SQLite file "
+        "in DAGSTER_HOME.",
+    )
+
     _ledger: Ledger | None = PrivateAttr(default=None)
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
         if context.instance is not None:
             ensure_pool_row(context.instance, PAID_CREATE_POOL)
 
-    def ledger(self, instance: DagsterInstance) -> Ledger:
+    def for_instance(self, instance: DagsterInstance) -> Ledger:
         """The ledger at `ledger_url`, or else beside the instance's own data (see `default_ledger_url`)."""
         if self._ledger is None:
             self._ledger = Ledger(self.ledger_url or default_ledger_url(instance))
@@ -143,29 +180,37 @@ def default_ledger_url(instance: DagsterInstance) -> str:
 
 
 class VideoStorageResource(ConfigurableResource):
-    """Where finished videos go: an S3 bucket/prefix, or any S3-compatible store via endpoint_url."""
+    """Where finished videos go: an S3 bucket/prefix, or any S3-compatible store via its endpoint URL."""
 
-    bucket: str
-    prefix: str = "videos"
-    endpoint_url: str | None = None
-    region: str | None = None
-    checksum_when_required: bool = False
-    chunk_mb: int = 8
+    s3_bucket: str = Field(description="Bucket of the videos and their sidecars.")
+    s3_prefix: str = Field(default="videos", description="Key prefix: videos land at {prefix}/{brief}/{task}.mp4.")
+    s3_endpoint_url: str | None = Field(
+        default=None, description="Endpoint of an S3-compatible store (MinIO, R2, Ceph); empty for AWS S3."
+    )
+    s3_region: str | None = Field(default=None, description="Region of the bucket; empty for boto3's default.")
+    s3_checksum_when_required: bool = Field(
+        default=False, description="Send checksums only when S3 requires them (stores that reject the new headers)."
+    )
+    s3_chunk_mb: int = Field(default=8, description="Multipart part size in MiB (at least 5).")
 
     def store(self) -> VideoStore:
-        client = shared_s3_client(self.endpoint_url, self.region, self.checksum_when_required)
+        client = shared_s3_client(self.s3_endpoint_url, self.s3_region, self.s3_checksum_when_required)
         return VideoStore(
-            client, self.bucket, self.prefix, chunk_bytes=self.chunk_mb * 1024**2, endpoint_url=self.endpoint_url
+            client,
+            self.s3_bucket,
+            self.s3_prefix,
+            chunk_bytes=self.s3_chunk_mb * 1024**2,
+            endpoint_url=self.s3_endpoint_url,
         )
 
 
 class BriefsResource(ConfigurableResource):
     """The folder of YAML briefs (RIVYA_REQUESTS_PATH)."""
 
-    path: str
+    requests_path: str = Field(description="Folder of the YAML briefs, searched with its subfolders.")
 
     def folder(self) -> Path:
-        return Path(self.path)
+        return Path(self.requests_path)
 
     def load(self, brief_id: str) -> Brief:
         return load_brief_by_id(self.folder(), brief_id)

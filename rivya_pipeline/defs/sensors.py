@@ -14,7 +14,6 @@ for a person: the sensor requests a generation_task run that re-sends it under t
 from datetime import UTC, datetime, timedelta
 
 from dagster import (
-    AssetObservation,
     AssetsDefinition,
     DagsterInstance,
     DagsterRunStatus,
@@ -27,11 +26,12 @@ from dagster import (
     sensor,
 )
 
-from ..ledger import RESEND_WINDOW, Ledger, TaskRecord
-from ..polling import PollReport
-from .assets import RESEND_TAG, generation_task, generation_task_observation, stored_video
+from ..ledger import RESEND_WINDOW, TaskRecord, TaskTracker
+from ..settings import utc_now
+from .assets import RESEND_TAG, generation_task, stored_video
+from .events import poll_observations
 from .inputs import TASK_TAG
-from .resources import CreditLimitsResource, RivyaResource
+from .resources import LedgerResource, RivyaResource
 
 TICK_TIME_BUDGET_SECONDS = 20.0
 MAX_POLLS_PER_TICK = 1000
@@ -68,19 +68,20 @@ def store_run_request(record: TaskRecord, failed_attempts: int) -> RunRequest:
         run_key=f"{record.task_id}:store" + (f":retry{failed_attempts}" if failed_attempts else ""),
         partition_key=record.brief_id,
         asset_selection=[stored_video.key],
-        tags={TASK_TAG: record.task_id},
+        tags={TASK_TAG: record.accepted_task_id},
     )
 
 
-def resend_requests(instance: DagsterInstance, ledger: Ledger, now: datetime) -> list[RunRequest]:
+def resend_requests(instance: DagsterInstance, tasks: TaskTracker, now: datetime) -> list[RunRequest]:
     """generation_task runs for creates left unanswered, once no create can still be in flight, then every
     RESEND_AFTER after a failed attempt, at most MAX_RESEND_ATTEMPTS times; within Rivya's idempotency window."""
     requests = []
-    unanswered = ledger.unanswered_submits(
+    unanswered = tasks.unanswered_submits(
         sent_after=now - RESEND_WINDOW, sent_before=now - RESEND_AFTER, limit=MAX_RESEND_REQUESTS_PER_TICK
     )
     for record in unanswered:
-        if ledger.latest_for_brief(record.brief_id).idempotency_key != record.idempotency_key:
+        latest = tasks.latest_for_brief(record.brief_id)
+        if latest is None or latest.idempotency_key != record.idempotency_key:
             continue  # an edited brief was submitted since: the partition's runs are about that one now
         if run_in_progress(instance, record.brief_id, generation_task):
             continue
@@ -101,22 +102,6 @@ def resend_requests(instance: DagsterInstance, ledger: Ledger, now: datetime) ->
     return requests
 
 
-def task_observations(report: PollReport) -> list[AssetObservation]:
-    """Status changes, timeouts and lost tasks, recorded on the generation_task partition."""
-    events = []
-    for record, task in report.changed:
-        events.append(generation_task_observation(record.brief_id, task))
-    for record, status in [(r, "timed_out") for r in report.timed_out] + [(r, "not_found") for r in report.lost]:
-        events.append(
-            AssetObservation(
-                "generation_task",
-                partition=record.brief_id,
-                metadata={"task_id": record.task_id, "status": status, "reserved_credits": record.reserved_credits},
-            )
-        )
-    return events
-
-
 @sensor(
     name="pending_generation_tasks",
     minimum_interval_seconds=5,
@@ -128,10 +113,10 @@ def task_observations(report: PollReport) -> list[AssetObservation]:
     "stored_video run for each succeeded task.",
 )
 def pending_generation_tasks(
-    context: SensorEvaluationContext, rivya: RivyaResource, credit_limits: CreditLimitsResource
+    context: SensorEvaluationContext, rivya: RivyaResource, ledger: LedgerResource
 ) -> SensorResult | SkipReason:
-    ledger = credit_limits.ledger(context.instance)
-    report = rivya.poller(ledger).poll_due(max_tasks=MAX_POLLS_PER_TICK, time_budget_seconds=TICK_TIME_BUDGET_SECONDS)
+    tasks = ledger.for_instance(context.instance)
+    report = rivya.poller(tasks).poll_due(max_tasks=MAX_POLLS_PER_TICK, time_budget_seconds=TICK_TIME_BUDGET_SECONDS)
     for record, task in report.failed:
         context.log.warning(
             f"task {task.id} (brief {record.brief_id}) failed: {task.error.code if task.error else '?'}; "
@@ -140,14 +125,14 @@ def pending_generation_tasks(
     for record in report.timed_out:
         context.log.warning(f"task {record.task_id} (brief {record.brief_id}) passed its deadline; no longer polled")
     run_requests = []
-    for record in ledger.succeeded_unstored(limit=MAX_STORE_REQUESTS_PER_TICK):
+    for record in tasks.succeeded_unstored(limit=MAX_STORE_REQUESTS_PER_TICK):
         if run_in_progress(context.instance, record.brief_id, stored_video):
             continue
-        failed = failed_store_runs(context.instance, record.task_id)
+        failed = failed_store_runs(context.instance, record.accepted_task_id)
         if failed < MAX_STORE_ATTEMPTS:
             run_requests.append(store_run_request(record, failed))
-    run_requests += resend_requests(context.instance, ledger, datetime.now(UTC))
-    events = task_observations(report)
+    run_requests += resend_requests(context.instance, tasks, utc_now())
+    events = poll_observations(report)
     if not run_requests and not events:
         return SkipReason(f"polled {report.polled} task(s), no status changes")
     return SensorResult(run_requests=run_requests, asset_events=events)

@@ -15,13 +15,24 @@ from .errors import (
     ValidationFailed,
 )
 from .generation import DEFAULT_MODEL, KLING_3_0, GenerationRequest, ReferenceImage, normalize_params
-from .models import FileObject, GenerationTask, ModelInfo, TaskError, TaskResult
+from .models import (
+    PENDING_STATUSES,
+    TERMINAL_STATUSES,
+    FileObject,
+    GenerationTask,
+    ModelInfo,
+    TaskError,
+    TaskResult,
+    TaskStatus,
+)
 from .retry import RetryPolicy
 
 __all__ = [
     "DEFAULT_BASE_URL",
     "DEFAULT_MODEL",
     "KLING_3_0",
+    "PENDING_STATUSES",
+    "TERMINAL_STATUSES",
     "ApiError",
     "AuthenticationError",
     "FileObject",
@@ -40,6 +51,7 @@ __all__ = [
     "ServerError",
     "TaskError",
     "TaskResult",
+    "TaskStatus",
     "TransportError",
     "ValidationFailed",
     "normalize_params",

@@ -16,12 +16,12 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import BaseModel
 
+from ..settings import DEFAULT_BASE_URL
 from .errors import ERRORS_BY_CODE, RivyaError, TransportError, UnknownApiError, error_for_status
 from .models import FileObject, GenerationTask, ModelInfo
 from .retry import RetryPolicy
 from .tls import shared_ssl_context
 
-DEFAULT_BASE_URL = "https://rivya.ai"
 M = TypeVar("M", bound=BaseModel)
 log = logging.getLogger(__name__)
 

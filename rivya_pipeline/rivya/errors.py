@@ -6,6 +6,8 @@ run retries) never repeat a request that is doomed or that would cost money twic
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class RivyaError(Exception):
     """Base of every error this client raises."""
@@ -110,7 +112,7 @@ class ServerError(ApiError):
 class UnknownApiError(ApiError):
     """A code this client does not know; retryable only when the status is 5xx."""
 
-    def __init__(self, message: str, **kwargs) -> None:
+    def __init__(self, message: str, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
         self.retryable = self.status is not None and self.status >= 500
 

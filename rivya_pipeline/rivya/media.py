@@ -24,9 +24,7 @@ import httpx
 
 from .tls import shared_ssl_context
 
-FetchRefusal = Literal[
-    "invalid_url", "scheme", "private_address", "redirect", "too_large", "http_status", "transport"
-]
+FetchRefusal = Literal["invalid_url", "scheme", "private_address", "redirect", "too_large", "http_status", "transport"]
 
 
 class MediaFetchError(Exception):
@@ -103,9 +101,7 @@ class MediaStream:
             return
         self._received += len(chunk)
         if self._received > self._max_bytes:
-            raise MediaFetchError(
-                "too_large", f"body exceeds the {self._max_bytes}-byte cap", url=self._redacted_url
-            )
+            raise MediaFetchError("too_large", f"body exceeds the {self._max_bytes}-byte cap", url=self._redacted_url)
         self._pending += chunk
 
 
@@ -180,7 +176,8 @@ class MediaFetcher:
                 if not response.is_success:
                     response.close()
                     raise MediaFetchError(
-                        "http_status", f"media host answered HTTP {response.status_code}",
+                        "http_status",
+                        f"media host answered HTTP {response.status_code}",
                         url=_redacted(target),
                     )
                 return response

@@ -1,16 +1,30 @@
 """Typed views of Rivya's responses.
 
-Tolerant by design: unknown fields are kept (`extra="allow"`), fields the docs leave [assumed]
+Tolerant by design: unknown fields are kept (`extra="allow"`), fields docs/rivya-api.md marks [assumed]
 are optional, so a new field or a missing one on the real API does not break a run.
 """
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-TERMINAL_STATUSES = frozenset({"succeeded", "failed"})
+
+class TaskStatus(StrEnum):
+    """Where a paid task stands: Rivya's four statuses, and the two only the ledger writes."""
+
+    SUBMITTING = "submitting"  # ledger only: the create went out and its answer is not recorded yet
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"  # ledger only: no terminal status before the task's deadline, no longer polled
+
+
+PENDING_STATUSES = frozenset({TaskStatus.QUEUED, TaskStatus.PROCESSING})  # Rivya is still working: poll again
+TERMINAL_STATUSES = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED})  # Rivya's last word: never polled again
 
 
 class ApiModel(BaseModel):
@@ -41,9 +55,6 @@ class ModelInfo(ApiModel):
     api_status: str | None = None
     supported_api_inputs: list[str] | None = None
     reference_media: Any = None
-
-    def param(self, key: str) -> ModelParam | None:
-        return next((p for p in self.params if p.key == key), None)
 
 
 class FileObject(ApiModel):
@@ -79,7 +90,7 @@ class GenerationTask(ApiModel):
     """A generation task (POST/GET /api/v1/generations)."""
 
     id: str
-    status: str
+    status: str  # a TaskStatus as a rule; kept as text so that a status added by Rivya later does not break a run
     model: str | None = None
     reserved_credits: int = 0
     final_credits: int = 0
@@ -95,4 +106,4 @@ class GenerationTask(ApiModel):
     @property
     def refunded_credits(self) -> int:
         """Credits given back: the whole reservation of a failed task."""
-        return self.reserved_credits if self.status == "failed" else 0
+        return self.reserved_credits if self.status == TaskStatus.FAILED else 0

@@ -1,6 +1,6 @@
 """One TLS context per process, shared by every HTTP client of the package.
 
-Building one loads certifi's CA bundle (20-90 ms here), and the pipeline opens a client for the API and
+Building one loads certifi's CA bundle (tens of milliseconds), and the pipeline opens a client for the API and
 another for the media host in every Dagster run: a hundred briefs paid for three hundred of them. An
 `ssl.SSLContext` is safe to share between clients and threads.
 """

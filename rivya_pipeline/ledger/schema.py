@@ -1,4 +1,4 @@
-"""Tables of the spend ledger (see ledger.py), written once for SQLite and PostgreSQL alike.
+"""Tables of the spend ledger, written once for SQLite and PostgreSQL alike.
 
 Times are stored as naive UTC on both backends: SQLite has no time zone type, and a naive UTC column lets
 `date(submitted_at)` give the UTC day on both without depending on a session's TimeZone setting.

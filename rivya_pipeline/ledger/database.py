@@ -1,0 +1,118 @@
+"""The one owner of the ledger's engine and of the lock that serializes budget decisions across processes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import URL, Connection, Engine, create_engine, event, func, insert, make_url, select
+
+from .schema import SCHEMA_VERSION, ledger_meta, metadata
+
+DEFAULT_LEDGER_FILE = "rivya_ledger.sqlite"
+# Key of the PostgreSQL advisory lock that serializes budget decisions ("RivyaLdg" in ASCII).
+SUBMIT_LOCK_ID = 0x52697679614C6467
+# How long a process waits for another one's budget transaction (SQLite busy timeout, PostgreSQL
+# lock_timeout) before giving up with an error rather than hanging a run.
+LOCK_WAIT_SECONDS = 30
+
+
+class LedgerDatabase:
+    """The ledger's database at a SQLAlchemy URL; creates its tables on first use. Safe to open from many processes."""
+
+    def __init__(self, url: str) -> None:
+        parsed = make_url(url)
+        self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        if self.is_sqlite:
+            self._engine = _sqlite_engine(parsed)
+        else:
+            if parsed.drivername == "postgresql":
+                # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; psycopg2 is the driver that
+                # dagster-postgres already brings.
+                parsed = parsed.set(drivername="postgresql+psycopg2")
+            self._engine = create_engine(
+                parsed,
+                isolation_level="READ COMMITTED",  # explicit, whatever the server's default: see serialized
+                pool_pre_ping=True,
+                connect_args={"connect_timeout": LOCK_WAIT_SECONDS},
+            )
+        # Reads need no write lock: on SQLite they start a plain deferred transaction (WAL lets them run
+        # beside a writer); on PostgreSQL the option is ignored.
+        self._reader = self._engine.execution_options(sqlite_begin="DEFERRED")
+        self._create_schema()
+
+    @staticmethod
+    def default_url(dagster_home: str | Path) -> str:
+        """A SQLite file inside DAGSTER_HOME: zero setup, and it lives as long as the Dagster instance."""
+        path = Path(dagster_home).expanduser().resolve() / DEFAULT_LEDGER_FILE
+        return URL.create("sqlite", database=str(path)).render_as_string(hide_password=False)
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def read(self) -> AbstractContextManager[Connection]:
+        """A read-only transaction (a context manager giving its Connection); it takes no write lock."""
+        return self._reader.begin()
+
+    def write(self) -> AbstractContextManager[Connection]:
+        """A write transaction (a context manager giving its Connection); on SQLite it holds the write lock."""
+        return self._engine.begin()
+
+    @contextmanager
+    def serialized(self) -> Iterator[Connection]:
+        """A write transaction that no other process's serialized transaction overlaps.
+
+        SQLite: BEGIN IMMEDIATE already holds the database's single write lock. PostgreSQL: a
+        transaction-scoped advisory lock, released by COMMIT/ROLLBACK; READ COMMITTED (set on the engine) gives
+        every statement after the lock a fresh snapshot, so it sees what the previous holder committed.
+        """
+        with self._engine.begin() as conn:
+            if not self.is_sqlite:
+                conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{LOCK_WAIT_SECONDS}s'")
+                conn.execute(select(func.pg_advisory_xact_lock(SUBMIT_LOCK_ID)))
+            yield conn
+
+    def _create_schema(self) -> None:
+        """Create missing tables and check the schema version, serialized so concurrent first opens agree."""
+        with self.serialized() as conn:
+            metadata.create_all(conn)
+            found = conn.execute(select(ledger_meta.c.value).where(ledger_meta.c.key == "schema_version")).scalar()
+            if found is None:
+                conn.execute(insert(ledger_meta).values(key="schema_version", value=SCHEMA_VERSION))
+            elif found != SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"ledger schema version {found} is not the version {SCHEMA_VERSION} this code understands"
+                )
+
+
+def _sqlite_engine(url: URL) -> Engine:
+    """SQLAlchemy's documented recipe for pysqlite transaction control, with BEGIN IMMEDIATE for writes.
+
+    pysqlite's own BEGIN handling is switched off (isolation_level None) and SQLAlchemy emits the BEGIN,
+    so every write transaction takes SQLite's write lock at its start: two processes can never both
+    read the same spend and then both insert. WAL lets readers (the sensor, reports) run beside it.
+    """
+    if url.database and url.database != ":memory:":
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": LOCK_WAIT_SECONDS})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        dbapi_connection.execute("PRAGMA journal_mode=WAL")
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        deferred = conn.get_execution_options().get("sqlite_begin") == "DEFERRED"
+        conn.exec_driver_sql("BEGIN" if deferred else "BEGIN IMMEDIATE")
+
+    return engine
+
+
+class LedgerPart:
+    """One concern of the ledger, working on the database it shares with the others."""
+
+    def __init__(self, database: LedgerDatabase) -> None:
+        self._db = database

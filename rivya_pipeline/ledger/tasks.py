@@ -1,0 +1,238 @@
+"""Task state: every paid task from its accepted create to its stored video, polled in bounded batches."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Select, and_, bindparam, func, select, update
+
+from ..rivya.models import PENDING_STATUSES, TERMINAL_STATUSES, TaskStatus
+from ..settings import utc_now
+from .database import LedgerPart
+from .schema import tasks
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """One paid (or attempted) task."""
+
+    idempotency_key: str
+    brief_id: str
+    run_id: str
+    model: str
+    price_credits: int
+    task_id: str | None
+    status: str  # a TaskStatus
+    reserved_credits: int
+    final_credits: int
+    refunded_credits: int
+    error_code: str | None
+    error_message: str | None
+    submitted_at: datetime
+    deadline_at: datetime | None
+    next_poll_at: datetime | None
+    last_polled_at: datetime | None
+    poll_count: int
+    stored_uri: str | None
+    stored_sha256: str | None
+    stored_at: datetime | None
+    body: dict[str, Any]  # the request as sent (and re-sent): model, prompt, params
+
+    @property
+    def accepted_task_id(self) -> str:
+        """The task id of a row whose create Rivya answered: every row that is polled or stored has one."""
+        if self.task_id is None:
+            raise LookupError(f"ledger row {self.idempotency_key} has no task: its create was never answered")
+        return self.task_id
+
+
+@dataclass(frozen=True)
+class StatusUpdate:
+    """What one status poll saw, for `TaskTracker.update_statuses`."""
+
+    task_id: str
+    status: str
+    final_credits: int
+    refunded_credits: int
+    polled_at: datetime
+    next_poll_at: datetime | None = None  # None: stop polling (terminal, or lost)
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(TaskRecord))
+
+
+def _record(row: Any) -> TaskRecord:
+    mapping = row._mapping
+    return TaskRecord(**{name: mapping[name] for name in _RECORD_FIELDS} | {"body": json.loads(mapping["body"])})
+
+
+class TaskTracker(LedgerPart):
+    """Lookups of tasks, and what the poller and the store step record about them."""
+
+    # -- lookups ------------------------------------------------------------------------------------
+
+    def _one(self, *conditions: Any, newest_first: bool = False) -> TaskRecord | None:
+        query = select(tasks).where(*conditions)
+        if newest_first:
+            query = query.order_by(tasks.c.submitted_at.desc(), tasks.c.idempotency_key.desc()).limit(1)
+        with self._db.read() as conn:
+            row = conn.execute(query).first()
+        return None if row is None else _record(row)
+
+    def _many(self, query: Select[Any]) -> list[TaskRecord]:
+        with self._db.read() as conn:
+            return [_record(row) for row in conn.execute(query)]
+
+    def get(self, idempotency_key: str) -> TaskRecord | None:
+        return self._one(tasks.c.idempotency_key == idempotency_key)
+
+    def find_by_task(self, task_id: str) -> TaskRecord | None:
+        return self._one(tasks.c.task_id == task_id)
+
+    def latest_for_brief(self, brief_id: str) -> TaskRecord | None:
+        return self._one(tasks.c.brief_id == brief_id, newest_first=True)
+
+    def count_by_status(self) -> dict[str, int]:
+        with self._db.read() as conn:
+            rows = conn.execute(select(tasks.c.status, func.count()).group_by(tasks.c.status))
+            return {status: count for status, count in rows}
+
+    # -- polling support for the sensor -------------------------------------------------------------
+
+    def due_for_poll(self, now: datetime, limit: int) -> list[TaskRecord]:
+        """Tasks waiting on Rivya whose next poll is due, most overdue first (served by the status index)."""
+        return self._many(
+            select(tasks)
+            .where(
+                tasks.c.status.in_(PENDING_STATUSES),
+                tasks.c.task_id.is_not(None),
+                tasks.c.next_poll_at <= now,
+            )
+            .order_by(tasks.c.next_poll_at, tasks.c.idempotency_key)
+            .limit(limit)
+        )
+
+    def update_status(
+        self,
+        task_id: str,
+        *,
+        status: str,
+        final_credits: int,
+        refunded_credits: int,
+        error_code: str | None = None,
+        error_message: str | None = None,
+        next_poll_at: datetime | None = None,
+        polled_at: datetime,
+    ) -> None:
+        """Record one poll (see `update_statuses`)."""
+        self.update_statuses(
+            [
+                StatusUpdate(
+                    task_id, status, final_credits, refunded_credits, polled_at, next_poll_at, error_code, error_message
+                )
+            ]
+        )
+
+    def update_statuses(self, updates: Sequence[StatusUpdate]) -> None:
+        """Record many polls in one transaction and one executemany per kind of update.
+
+        A sensor tick records up to a thousand polls: a commit per poll made the ledger the slowest part
+        of the tick, and one statement per poll made the writing thread queue for the GIL once per row
+        while the poll threads held it. A stale poll that reports queued/processing never undoes a
+        terminal status.
+        """
+        if not updates:
+            return
+        statement = update(tasks).values(
+            status=bindparam("new_status"),
+            final_credits=bindparam("final_credits"),
+            refunded_credits=bindparam("refunded_credits"),
+            error_code=bindparam("error_code"),
+            error_message=bindparam("error_message"),
+            next_poll_at=bindparam("next_poll_at"),
+            last_polled_at=bindparam("polled_at"),
+            poll_count=tasks.c.poll_count + 1,
+            updated_at=bindparam("polled_at"),
+        )
+        by_task = tasks.c.task_id == bindparam("polled_task_id")
+        pending = [asdict(u) for u in updates if u.status in PENDING_STATUSES]
+        final = [asdict(u) for u in updates if u.status not in PENDING_STATUSES]
+        for rows in (pending, final):
+            for row in rows:
+                row["polled_task_id"], row["new_status"] = row.pop("task_id"), row.pop("status")
+        with self._db.write() as conn:
+            if pending:
+                not_terminal = and_(*(tasks.c.status != status for status in TERMINAL_STATUSES))  # executemany: no IN
+                conn.execute(statement.where(by_task, not_terminal), pending)
+            if final:
+                conn.execute(statement.where(by_task), final)
+            ids = {u.task_id for u in updates}
+            known = set(conn.execute(select(tasks.c.task_id).where(tasks.c.task_id.in_(ids))).scalars())
+            if ids - known:
+                raise LookupError(f"no ledger row for task(s) {', '.join(sorted(ids - known))}")
+
+    def mark_timed_out(self, task_id: str, now: datetime) -> None:
+        """Stop polling a task that passed its deadline: it is reported, not polled forever.
+
+        A task that reached a terminal status in the meantime keeps it.
+        """
+        with self._db.write() as conn:
+            updated = conn.execute(
+                update(tasks)
+                .where(tasks.c.task_id == task_id, tasks.c.status.in_(PENDING_STATUSES))
+                .values(
+                    status=TaskStatus.TIMED_OUT,
+                    error_code=TaskStatus.TIMED_OUT,
+                    error_message="no terminal status from Rivya before the task's deadline",
+                    next_poll_at=None,
+                    updated_at=now,
+                )
+            )
+            if updated.rowcount == 0:
+                _require_task(conn, task_id)
+
+    def unanswered_submits(self, *, sent_after: datetime, sent_before: datetime, limit: int) -> list[TaskRecord]:
+        """Creates sent but never answered (still "submitting": the run crashed or gave up), oldest first."""
+        return self._many(
+            select(tasks)
+            .where(
+                tasks.c.status == TaskStatus.SUBMITTING,
+                tasks.c.submitted_at > sent_after,
+                tasks.c.submitted_at <= sent_before,
+            )
+            .order_by(tasks.c.submitted_at, tasks.c.idempotency_key)
+            .limit(limit)
+        )
+
+    # -- storing ------------------------------------------------------------------------------------
+
+    def succeeded_unstored(self, limit: int) -> list[TaskRecord]:
+        """Succeeded tasks whose video is not in the store yet, oldest first (their URLs expire)."""
+        return self._many(
+            select(tasks)
+            .where(tasks.c.status == TaskStatus.SUCCEEDED, tasks.c.stored_at.is_(None))
+            .order_by(tasks.c.updated_at, tasks.c.idempotency_key)
+            .limit(limit)
+        )
+
+    def mark_stored(self, task_id: str, *, uri: str, sha256: str, now: datetime | None = None) -> None:
+        now = now or utc_now()
+        with self._db.write() as conn:
+            updated = conn.execute(
+                update(tasks)
+                .where(tasks.c.task_id == task_id)
+                .values(stored_uri=uri, stored_sha256=sha256, stored_at=now, updated_at=now)
+            )
+            if updated.rowcount == 0:
+                raise LookupError(f"no ledger row for task {task_id}")
+
+
+def _require_task(conn: Connection, task_id: str) -> None:
+    if conn.execute(select(tasks.c.task_id).where(tasks.c.task_id == task_id)).first() is None:
+        raise LookupError(f"no ledger row for task {task_id}")
