@@ -14,13 +14,17 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from .bench import BENCHMARKS
 from .briefs import Brief, BriefErrors, load_briefs
 from .settings import REPO_ROOT, Settings, SettingsError
 
+if TYPE_CHECKING:
+    from .embedded import EmbeddedStack
+
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 DEMO_DIR = REPO_ROOT / ".demo"
-BENCHMARKS = ("poll", "transfer", "e2e", "calls")  # rivya_pipeline/bench/runner.py runs them in this order
 DEV_SHUTDOWN_GRACE_SECONDS = 5.0
 
 
@@ -41,7 +45,7 @@ def _cell(value: object) -> str:
 
 
 def _print_table(rows: list[dict[str, object]], columns: Sequence[str]) -> None:
-    widths = {c: max(len(c), *(len(_cell(r.get(c))) for r in rows)) for c in columns}
+    widths = {c: max([len(c), *(len(_cell(r.get(c))) for r in rows)]) for c in columns}  # no rows: header widths
     print("  ".join(c.ljust(widths[c]) for c in columns))
     for row in rows:
         print("  ".join(_cell(row.get(c)).ljust(widths[c]) for c in columns))
@@ -109,35 +113,40 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     from .embedded import EmbeddedStack
 
-    print("RIVYA_API_KEY is not set: using the embedded local emulator and S3 server (nothing is billed).",
-          file=sys.stderr)
+    print(
+        "RIVYA_API_KEY is not set: using the embedded local emulator and S3 server (nothing is billed).",
+        file=sys.stderr,
+    )
     with EmbeddedStack(data_dir=DEMO_DIR):
         return _execute(briefs, args.requests, args.timeout, args.json)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .embedded import EmbeddedStack
+def _embedded_stack(args: argparse.Namespace) -> EmbeddedStack:
+    """The emulator and S3 server of `demo` and `dev`: by default the same ports and folder, so the same links."""
+    from .embedded import DEFAULT_PORTS, EmbeddedStack
 
+    chosen = {"api": args.api_port, "media": args.media_port, "s3": args.s3_port}
+    ports = DEFAULT_PORTS | {name: port for name, port in chosen.items() if port is not None}
+    return EmbeddedStack(data_dir=args.data_dir, ports=ports)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
     for name in ("RIVYA_API_KEY", "RIVYA_BASE_URL", "AWS_ENDPOINT_URL_S3", "RIVYA_S3_BUCKET", "RIVYA_LEDGER_URL"):
         os.environ.pop(name, None)  # the demo never touches a real API or bucket
     requests = REPO_ROOT / "requests"
     briefs = _load(requests)
     if briefs is None:
         return EXIT_INVALID
-    with EmbeddedStack(data_dir=DEMO_DIR):
+    with _embedded_stack(args):
         code = _execute(briefs, requests, args.timeout, as_json=False)
-    print(f"\nVideos are in the embedded S3 bucket, saved between sessions under {DEMO_DIR / 's3'}.")
+    print(f"\nVideos are in the embedded S3 bucket, saved between sessions under {args.data_dir / 's3'}.")
     print("Open the Dagster UI on the same stack (instance, emulator, S3):  make dev")
     return code
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from .embedded import DEFAULT_PORTS, EmbeddedStack
-
     home = _dagster_home()
-    chosen = {"api": args.api_port, "media": args.media_port, "s3": args.s3_port}
-    ports = DEFAULT_PORTS | {name: port for name, port in chosen.items() if port is not None}
-    with EmbeddedStack(data_dir=args.data_dir, ports=ports):
+    with _embedded_stack(args):
         # The workspace file names the code location `rivya_pipeline`, as plain `dagster dev` does: same UI links.
         command = [sys.executable, "-m", "dagster", "dev", "-w", str(REPO_ROOT / "workspace.yaml")]
         command += ["-h", args.host, "-p", str(args.port)]
@@ -190,6 +199,19 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     return serve(args.emulator_args)
 
 
+def _add_stack_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--api-port", type=int, help="emulator API port (default 8787)")
+    parser.add_argument("--media-port", type=int, help="emulator media host port (default 8788)")
+    parser.add_argument("--s3-port", type=int, help="local S3 server port (default 8789)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEMO_DIR,
+        help="where the local S3 bucket is kept between sessions "
+        "(default: .demo/ in the repository, shared by demo and dev)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rivya-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -203,16 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the sample briefs end to end on the embedded emulator + local S3")
     demo.add_argument("--timeout", type=float, default=300.0)
+    _add_stack_options(demo)
     demo.set_defaults(func=cmd_demo)
 
     dev = sub.add_parser("dev", help="the Dagster UI + daemon on the embedded emulator + local S3")
     dev.add_argument("--host", default="127.0.0.1")
     dev.add_argument("--port", type=int, default=3000)
-    dev.add_argument("--api-port", type=int, help="emulator API port (default 8787)")
-    dev.add_argument("--media-port", type=int, help="emulator media host port (default 8788)")
-    dev.add_argument("--s3-port", type=int, help="local S3 server port (default 8789)")
-    dev.add_argument("--data-dir", type=Path, default=DEMO_DIR,
-                     help="where the local S3 bucket is kept between sessions (default: the demo's .demo/)")
+    _add_stack_options(dev)
     dev.set_defaults(func=cmd_dev)
 
     report = sub.add_parser("report", help="credits spent per day and brief, from the ledger")
@@ -228,15 +247,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(func=cmd_bench)
 
-    emulator = sub.add_parser("emulator", help="run the local Rivya emulator (see --help of the subcommand)",
-                              add_help=False)
-    emulator.add_argument("emulator_args", nargs=argparse.REMAINDER)
+    # The emulator's options are its own parser's (emulator/cli.py): `parse_args` below hands them over unparsed,
+    # --help included, so this module does not import the emulator's web stack for every other command.
+    emulator = sub.add_parser(
+        "emulator", help="run the local Rivya emulator (`rivya-pipeline emulator --help`)", add_help=False
+    )
     emulator.set_defaults(func=cmd_emulator)
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with everything after `emulator` passed on as `emulator_args` for the emulator to parse.
+
+    argparse.REMAINDER does not do that: it leaves an option such as `--port` unclaimed, and argparse refuses it.
+    """
+    parser = build_parser()
+    args, passed_on = parser.parse_known_args(argv)
+    if args.command == "emulator":
+        args.emulator_args = passed_on
+    elif passed_on:
+        parser.error(f"unrecognized arguments: {' '.join(passed_on)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         if getattr(args, "requests", "unset") is None:
             args.requests = Settings.from_env().requests_path

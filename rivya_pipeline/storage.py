@@ -15,12 +15,14 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, TypeGuard
 from urllib.parse import quote
 
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
+
+from .brief_rules import BRIEF_ID
 
 # S3 rejects multipart parts under 5 MiB (except the last); s3transfer would silently raise smaller
 # part sizes to this, breaking our promise that no read exceeds chunk_bytes.
@@ -29,13 +31,25 @@ MIN_PART_BYTES = 5 * 1024**2
 _M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
 _MMAP_THRESHOLD_BYTES = 1024**2
 
-_BRIEF_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+PictureKind = Literal["poster", "sheet"]
 _TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _PREFIX_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
 
 
 class Readable(Protocol):
     def read(self, size: int = -1, /) -> bytes: ...
+
+
+class HashedReadable(Readable, Protocol):
+    """A readable that hashes and counts what it hands out (the media fetcher's stream, `_HashingReader`)."""
+
+    bytes_read: int
+
+    def sha256_hex(self) -> str: ...
+
+
+def _hashes_itself(readable: Readable) -> TypeGuard[HashedReadable]:
+    return hasattr(readable, "sha256_hex") and hasattr(readable, "bytes_read")
 
 
 @dataclass(frozen=True)
@@ -89,8 +103,8 @@ def _map_large_buffers_on_their_own() -> None:
 
     Multipart parts are multi-MiB buffers that one thread allocates and another frees. glibc raises its mmap
     threshold to the size of the first such buffer freed and serves the rest from its heaps, where freed parts
-    stay resident and fragment: a 1 GiB upload grew the process by ~90 MB and still growing with the size,
-    against ~45 MB with the threshold fixed. Process-wide, once; nothing happens off glibc.
+    stay resident and fragment, so the process grows with the size of the video instead of staying flat
+    (README, Benchmarks: transfer). Process-wide, once; nothing happens off glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -108,7 +122,7 @@ def _normalized_prefix(prefix: str) -> str:
 
 
 class VideoStore:
-    """Writes videos and sidecars under ``{prefix}/{brief_id}/{task_id}.*`` in one bucket.
+    """Writes videos, their pictures and sidecars under ``{prefix}/{brief_id}/{task_id}.*`` in one bucket.
 
     One writer per key is assumed (one Dagster run per task): storing aborts any unfinished multipart
     upload of the same key, which would also cut off a concurrent writer of that key.
@@ -146,6 +160,10 @@ class VideoStore:
     def sidecar_key(self, brief_id: str, task_id: str) -> str:
         return self._key(brief_id, task_id, "json")
 
+    def picture_key(self, brief_id: str, task_id: str, kind: PictureKind) -> str:
+        """``{task_id}.poster.jpg`` or ``{task_id}.sheet.jpg``, next to the video."""
+        return self._key(brief_id, task_id, f"{kind}.jpg")
+
     def store_video(
         self,
         brief_id: str,
@@ -161,8 +179,7 @@ class VideoStore:
         """
         key = self.video_key(brief_id, task_id)
         self._abort_multipart_uploads(key)
-        self_hashing = hasattr(readable, "sha256_hex") and hasattr(readable, "bytes_read")
-        hashed = readable if self_hashing else _HashingReader(readable)
+        hashed: HashedReadable = readable if _hashes_itself(readable) else _HashingReader(readable)
         # On failure s3transfer aborts its multipart upload, and S3 only makes an object visible on
         # CompleteMultipartUpload: a failed upload neither leaves a partial object nor replaces the old one.
         self._s3.upload_fileobj(
@@ -178,9 +195,15 @@ class VideoStore:
 
     def write_sidecar(self, brief_id: str, task_id: str, document: dict[str, Any]) -> StoredObject:
         """Write the JSON record next to the video (sorted keys, so equal documents give equal bytes)."""
-        key = self.sidecar_key(brief_id, task_id)
         body = (json.dumps(document, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
-        response = self._s3.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType="application/json")
+        return self._put(self.sidecar_key(brief_id, task_id), body, "application/json")
+
+    def store_picture(self, brief_id: str, task_id: str, kind: PictureKind, jpeg: bytes) -> StoredObject:
+        """Write a poster or contact sheet JPEG next to the video."""
+        return self._put(self.picture_key(brief_id, task_id, kind), jpeg, "image/jpeg")
+
+    def _put(self, key: str, body: bytes, content_type: str) -> StoredObject:
+        response = self._s3.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
         return self._stored(key, len(body), hashlib.sha256(body).hexdigest(), response["ETag"])
 
     def object_sha256(self, key: str) -> str:
@@ -211,8 +234,8 @@ class VideoStore:
                 self._s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
 
     def _key(self, brief_id: str, task_id: str, extension: str) -> str:
-        if not _BRIEF_ID.fullmatch(brief_id):
-            raise ValueError(f"brief_id {brief_id!r} must match {_BRIEF_ID.pattern}")
+        if not BRIEF_ID.fullmatch(brief_id):
+            raise ValueError(f"brief_id {brief_id!r} must match {BRIEF_ID.pattern}")
         if not _TASK_ID.fullmatch(task_id):
             raise ValueError(f"task_id {task_id!r} must match {_TASK_ID.pattern}")
         return "/".join(filter(None, [self.prefix, brief_id, f"{task_id}.{extension}"]))
@@ -257,7 +280,7 @@ def make_s3_client(
         options["request_checksum_calculation"] = "when_required"
         options["response_checksum_validation"] = "when_required"
     # A session of its own: boto3's default session is not safe to create clients from in parallel.
-    return boto3.session.Session().client(
+    return boto3.Session().client(
         "s3", endpoint_url=endpoint_url, region_name=region, config=Config(**options)
     )
 

@@ -10,21 +10,25 @@ import base64
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
 
+from rivya_pipeline.cli import parse_args
 from rivya_pipeline.emulator import FAIL_MARKER
 from rivya_pipeline.settings import REPO_ROOT
 from rivya_pipeline_tests.fixtures_emulator import TEST_API_KEY
 from rivya_pipeline_tests.fixtures_pipeline import FAST_LIFECYCLE, SAMPLE_BRIEFS
+from rivya_pipeline_tests.helpers import KLING_PRICE, free_ports, s3_keys
 
 RIVYA_PIPELINE = Path(sys.executable).parent / "rivya-pipeline"
-KLING_PRICE = 90
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 ONE_PIXEL_GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
 
@@ -97,16 +101,11 @@ def sample_folder(tmp_path: Path) -> Path:
     return folder
 
 
-def bucket_keys(s3_bucket) -> list[str]:
-    client, bucket = s3_bucket
-    return [item["Key"] for item in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
-
-
 def assert_nothing_reached_rivya_or_s3(emulator, s3_bucket) -> None:
     stats = emulator.stats()
     assert stats["requests"] == {}
     assert (stats["creates_performed"], stats["uploads_performed"]) == (0, 0)
-    assert bucket_keys(s3_bucket) == []
+    assert s3_keys(s3_bucket) == []
 
 
 def write_folder(folder: Path, files: dict[str, str | bytes]) -> None:
@@ -177,9 +176,9 @@ def test_run_json_stores_the_samples_and_exits_0(tmp_path, cli, emulator, s3_buc
         assert (outcome["reserved_credits"], outcome["final_credits"], outcome["refunded_credits"]) == (
             KLING_PRICE, KLING_PRICE, 0
         )
-    assert sorted(bucket_keys(s3_bucket)) == sorted(
+    assert sorted(s3_keys(s3_bucket)) == sorted(
         o["s3_uri"].removeprefix(f"s3://{bucket}/").removesuffix(".mp4") + ext
-        for o in outcomes.values() for ext in (".mp4", ".json")
+        for o in outcomes.values() for ext in (".mp4", ".json", ".poster.jpg", ".sheet.jpg")  # + the QC pictures
     )
 
 
@@ -217,3 +216,56 @@ def test_report_gives_spend_per_day_and_brief_from_the_ledger(tmp_path, cli, emu
     assert (rows["doomed-vase"]["final"], rows["doomed-vase"]["refunded"]) == (0, KLING_PRICE)
     assert {row["day"] for row in rows.values()} == {datetime.now(UTC).date().isoformat()}
     assert sum(c["credits"] for c in emulator.stats()["charges"] if not c["refunded"]) == 90
+
+
+def test_report_of_an_instance_that_spent_nothing_is_the_header_alone(cli, emulator):
+    done = cli("report")
+
+    assert done.returncode == EXIT_OK, done.stderr
+    assert done.stdout.split() == ["day", "brief_id", "tasks", "reserved", "final", "refunded"]
+
+
+def test_the_emulator_command_passes_every_option_on_to_the_emulator():
+    assert parse_args(["emulator", "--port", "8787", "--media-port", "8788", "--seed=-1", "-h"]).emulator_args == [
+        "--port", "8787", "--media-port", "8788", "--seed=-1", "-h"
+    ]
+    assert parse_args(["emulator"]).emulator_args == []
+
+
+def test_the_emulator_serves_on_the_ports_given_as_the_readme_writes_them():
+    api_port, media_port = free_ports(2)
+    command = [str(RIVYA_PIPELINE), "emulator", "--port", str(api_port), "--media-port", str(media_port)]
+    process = subprocess.Popen([*command, "--credits", "77"], stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                credits = httpx.get(
+                    f"http://127.0.0.1:{api_port}/api/v1/credits", headers={"Authorization": f"Bearer {TEST_API_KEY}"}
+                )
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline, "the emulator did not start"
+                time.sleep(0.2)
+        assert credits.json() == {"current_credits": 77}
+        assert httpx.get(f"http://127.0.0.1:{media_port}/media/task_unknown.mp4").status_code == 404
+    finally:
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=30)
+    assert code == EXIT_OK  # Ctrl-C is how it is meant to stop
+
+
+def test_an_option_the_emulator_lacks_is_refused_by_its_own_parser():
+    done = subprocess.run(
+        [str(RIVYA_PIPELINE), "emulator", "--port", "0", "--colour", "red"], capture_output=True, text=True, timeout=60
+    )
+
+    assert done.returncode == EXIT_INVALID
+    assert "rivya-pipeline emulator: error: unrecognized arguments: --colour red" in done.stderr
+
+
+def test_the_other_commands_still_refuse_options_they_lack():
+    done = subprocess.run([str(RIVYA_PIPELINE), "report", "--port", "8787"], capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == EXIT_INVALID
+    assert "rivya-pipeline: error: unrecognized arguments: --port 8787" in done.stderr

@@ -1,7 +1,7 @@
 """RivyaClient against the project's emulator over real HTTP (no mocks of httpx): every error code becomes
 its typed exception, retries never cost twice, the key never leaks, bad requests never leave the process,
 and a generation goes end to end. The emulator is strict and independent of the client, so a request it
-accepts is one Rivya's contract accepts."""
+accepts is one Rivya's contract (docs/rivya-api.md) accepts."""
 
 from __future__ import annotations
 
@@ -48,11 +48,11 @@ from rivya_pipeline.rivya.errors import (
 )
 from rivya_pipeline.rivya.media import MediaFetcher
 from rivya_pipeline_tests.fixtures_emulator import TEST_ACCOUNT, TEST_API_KEY, TEST_CREDITS
+from rivya_pipeline_tests.helpers import KLING_PRICE
 from rivya_pipeline_tests.test_emulator import encode_image
 
 E = TypeVar("E", bound=BaseException)
 
-KLING_PRICE = 90
 REVOKED_KEY = "rvya_sk_revoked_0001"
 EXPIRED_KEY = "rvya_sk_expired_0001"
 READ_ONLY_KEY = "rvya_sk_read_only_0001"

@@ -74,6 +74,13 @@ def _submit(client: RivyaClient, ledger: Ledger, clock: ScaledClock, name: str, 
     return task.id
 
 
+def _status(ledger: Ledger, task_id: str) -> str:
+    record = ledger.find_by_task(task_id)
+    if record is None:
+        raise LookupError(f"task {task_id} is not in the benchmark's ledger")
+    return record.status
+
+
 def _polls(stack: BenchStack, task_ids: list[str]) -> list[int]:
     counts = stack.stats()["polls"]
     return [counts.get(task_id, 0) for task_id in task_ids]
@@ -88,7 +95,7 @@ def _poller_counts(stack: BenchStack, size: dict, tmp: Path) -> dict[str, float 
         poller = TaskPoller(
             client, ledger, requests_per_second=REQUESTS_PER_SECOND, concurrency=CONCURRENCY, clock=clock
         )
-        while any(ledger.find_by_task(t).status in ("queued", "processing") for t in pending):
+        while any(_status(ledger, t) in ("queued", "processing") for t in pending):
             poller.poll_due()
             clock.sleep(TICK_SECONDS)
         at_end = _polls(stack, pending)

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import create_engine, insert
 
 from ..ledger import Ledger
-from ..ledger_schema import tasks
+from ..ledger.schema import tasks
 from ..rivya import GenerationTask, RivyaClient
 
 # A valid kling-3-0 request; each create gets its own Idempotency-Key, so each is a new task.

@@ -1,4 +1,4 @@
-"""`python -m rivya_pipeline.bench.dagster_floor RUNS`: the least Dagster itself costs `bench e2e` on this machine.
+"""`python -m rivya_pipeline.bench.dagster_floor RUNS`: the least Dagster itself costs `bench e2e`, where it runs.
 
 RUNS in-process runs of an asset that does nothing, one partition each, on a fresh SQLite instance in a temporary
 home, started as a process of its own like both sides of the benchmark. The pipeline's runs have more steps,
@@ -17,7 +17,8 @@ from dagster import DagsterInstance, DynamicPartitionsDefinition, asset, materia
 from ..headless import QUIET_LOGS
 
 INSTANCE_YAML = "telemetry:\n  enabled: false\n"
-partitions = DynamicPartitionsDefinition(name="floor")
+PARTITIONS = "floor"
+partitions = DynamicPartitionsDefinition(name=PARTITIONS)
 
 
 @asset(partitions_def=partitions)
@@ -30,7 +31,7 @@ def main(runs: int) -> None:
     with tempfile.TemporaryDirectory(prefix="rivya-bench-floor-") as home:
         Path(home, "dagster.yaml").write_text(INSTANCE_YAML)
         with DagsterInstance.from_config(home) as instance:
-            instance.add_dynamic_partitions(partitions.name, keys)
+            instance.add_dynamic_partitions(PARTITIONS, keys)
             for key in keys:
                 materialize([nothing], partition_key=key, instance=instance, run_config=QUIET_LOGS)
 

@@ -125,5 +125,5 @@ def run(stack: BenchStack, quick: bool) -> BenchResult:
         ],
         bounds=f"Dagster: {runs} runs (a submit and a store per brief, each its own run so that one brief's refusal "
         f"or failure is its own); {runs} runs of an asset that does nothing already take {floor_seconds:.1f} s "
-        f"here, {floor_ratio:.1f}x the bare script",
+        f"in this run, {floor_ratio:.1f}x the bare script",
     )

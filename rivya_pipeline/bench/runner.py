@@ -2,32 +2,30 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Sequence
 
-from . import calls, e2e, poll, transfer
+from . import BENCHMARKS
 from .common import BenchResult
 from .stack import BenchStack
 
-BENCHMARKS: dict[str, Callable[..., BenchResult]] = {
-    "poll": poll.run,
-    "transfer": transfer.run,
-    "e2e": e2e.run,
-    "calls": calls.run,
-}
 
-
-def run_benchmarks(names: list[str], *, quick: bool, as_json: bool, transfer_mb: int | None = None) -> int:
-    """Run `names` in order on one stack; `transfer_mb` overrides the transfer's video size (MiB)."""
+def run_benchmarks(names: Sequence[str], *, quick: bool, as_json: bool, transfer_mb: int | None = None) -> int:
+    """Run `names` (from BENCHMARKS) in order on one stack; `transfer_mb` overrides the transfer's video size (MiB)."""
+    unknown = sorted(set(names) - set(BENCHMARKS))
+    if unknown:
+        raise ValueError(f"unknown benchmarks {unknown}; known: {', '.join(BENCHMARKS)}")
     logging.getLogger("rivya_pipeline").setLevel(logging.WARNING)  # progress lines would interleave with figures
     results: dict[str, BenchResult] = {}
     with BenchStack() as stack:
         for name in names:
             print(f"bench {name}{' (quick)' if quick else ''} ...", file=sys.stderr, flush=True)
             options = {"mebibytes": transfer_mb} if name == "transfer" else {}
-            results[name] = BENCHMARKS[name](stack, quick, **options)
+            benchmark = importlib.import_module(f"{__package__}.{name}")
+            results[name] = benchmark.run(stack, quick, **options)
             if not as_json:
                 print(results[name].text(), flush=True)
                 print(flush=True)

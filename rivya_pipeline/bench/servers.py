@@ -1,7 +1,7 @@
 """`python -m rivya_pipeline.bench.servers {emulator,s3}`: one server in a process of its own.
 
-The benchmarks measure the client side; a server in the measured process would share its GIL (the
-machine has 2 cores) and, for moto, add every stored byte to its memory. So each server runs here,
+The benchmarks measure the client side; a server in the measured process would share its GIL and its
+cores and, for moto, add every stored byte to its memory. So each server runs here,
 prints its URL(s) on the first line, and serves until its stdin closes: it never outlives the
 benchmark that started it, even one that was killed.
 """

@@ -4,7 +4,7 @@ bytes from disk.
 
 Each side runs in a child process that does nothing but its transfer (`bench.transfer_child`), with the
 emulator and S3 in processes of their own, so its peak RSS is the transfer's alone. The child
-imports no Dagster (a Dagster run process holds ~70 MB more before it transfers anything);
+imports no Dagster (a Dagster run process holds much more before it transfers anything);
 `rss_before_transfer_mb` is what its imports and clients hold, so the rest of the peak is the transfer's own.
 """
 
@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from ..rivya import GenerationTask
 from .common import TASK_BODY, BenchResult
 from .stack import BENCH_BUCKET, BenchStack
 
@@ -41,6 +42,13 @@ def _in_child(kind: str, job: dict[str, Any]) -> dict[str, Any]:
     return json.loads(done.stdout)
 
 
+def _video_url(task: GenerationTask) -> str:
+    url = task.result.video_url if task.result is not None else None
+    if url is None:
+        raise RuntimeError(f"task {task.id} ended {task.status} without a video")
+    return url
+
+
 def run(stack: BenchStack, quick: bool, mebibytes: int | None = None) -> BenchResult:
     size = mebibytes * 1024**2 if mebibytes else QUICK_BYTES if quick else FULL_BYTES
     stack.configure(queued_seconds=0, processing_seconds=0, result_min_bytes=size)
@@ -53,7 +61,7 @@ def run(stack: BenchStack, quick: bool, mebibytes: int | None = None) -> BenchRe
         stack.empty_bucket()
         with tempfile.TemporaryDirectory(prefix="rivya-bench-transfer-") as tmp:
             path = Path(tmp) / "video.mp4"
-            with httpx.stream("GET", task.result.video_url, timeout=60) as response, path.open("wb") as copy:
+            with httpx.stream("GET", _video_url(task), timeout=60) as response, path.open("wb") as copy:
                 for chunk in response.iter_bytes(1024**2):
                     copy.write(chunk)
             baseline = _in_child("upload_file", job | {"path": str(path)})

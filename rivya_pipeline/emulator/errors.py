@@ -1,4 +1,4 @@
-"""Rivya's error envelope and the HTTP status of every error code (contract section 3)."""
+"""Rivya's error envelope and the HTTP status of every error code (docs/rivya-api.md, section 3)."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 import av
 import filetype
+from av.error import FFmpegError
 
 from .catalog import CATALOG, REFERENCE_ITEMS_PARAM, UPLOAD_RULES, ModelSpec, ParamSpec
 from .errors import ApiError
@@ -137,13 +138,13 @@ def _validate_references(
     return items
 
 
-def upload_rules(kind: Any, model_id: Any) -> tuple[int, tuple[str, ...]]:
-    """(max bytes, accepted MIME types) for this upload; a given model narrows the accepted kinds."""
-    if kind not in UPLOAD_RULES:
+def upload_rules(kind: Any, model_id: Any) -> tuple[str, int, tuple[str, ...]]:
+    """(kind, max bytes, accepted MIME types) for this upload; a given model narrows the accepted kinds."""
+    if not isinstance(kind, str) or kind not in UPLOAD_RULES:
         _fail(f"kind must be one of: {', '.join(UPLOAD_RULES)}.")
     if model_id is not None and kind not in validate_model_id(model_id).reference_kinds:
         _fail(f"{model_id} does not accept {kind} files.")
-    return UPLOAD_RULES[kind]
+    return (kind, *UPLOAD_RULES[kind])
 
 
 def judge_content(kind: str, content: bytes, accepted: tuple[str, ...]) -> tuple[str, float | None]:
@@ -157,9 +158,9 @@ def judge_content(kind: str, content: bytes, accepted: tuple[str, ...]) -> tuple
     if kind == "image":
         return mime_type, None
     try:
-        with av.open(io.BytesIO(content)) as container:
+        with av.open(io.BytesIO(content), mode="r") as container:
             duration = container.duration
-    except av.FFmpegError:
+    except FFmpegError:
         duration = None
     if not duration:
         _fail(f"could not read the duration of this {kind} file.")
