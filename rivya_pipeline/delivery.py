@@ -1,8 +1,9 @@
-"""From a succeeded task to a verified video in S3 (no Dagster import).
+"""From a succeeded task to a verified video in S3, with its poster and contact sheet (no Dagster import).
 
 The result is streamed from the media host straight into a multipart upload while a copy goes to a
-temporary file on disk for probing, so memory never depends on the video's size. The stored
-object's SHA-256 is read back from S3 and compared with the hash taken on the way in.
+temporary file on disk for probing, so memory never depends on the video's size. One decode of that copy
+yields the probe, the QC measurements and the pictures, which are stored next to the video. The stored
+video's SHA-256 is read back from S3 and compared with the hash taken on the way in.
 """
 
 from __future__ import annotations
@@ -12,14 +13,18 @@ import queue
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from .probe import ProbeError, VideoProbe, probe_video
+from .probe import ProbeError, VideoInspection, VideoProbe, inspect_video
+from .qc.thresholds import QcThresholds
 from .rivya import GenerationTask
 from .rivya.media import MediaFetcher
 from .storage import StoredObject, VideoStore
+
+if TYPE_CHECKING:
+    from .qc.pictures import Picture
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_SECONDS = 5.0
@@ -27,12 +32,21 @@ PROGRESS_EVERY_SECONDS = 5.0
 
 @dataclass(frozen=True)
 class Delivery:
+    """`inspection` (probe, QC measurements, pictures) is None when the video did not decode (`probe_error` says
+    why); `poster` and `sheet` are None when it decoded no frame."""
+
     video: StoredObject
     sidecar: StoredObject
     stored_sha256: str
-    probe: VideoProbe | None
+    inspection: VideoInspection | None
     probe_error: str | None
+    poster: StoredObject | None
+    sheet: StoredObject | None
     seconds: float
+
+    @property
+    def probe(self) -> VideoProbe | None:
+        return self.inspection.probe if self.inspection else None
 
     @property
     def mb_per_second(self) -> float:
@@ -42,8 +56,8 @@ class Delivery:
 class _TeeReader:
     """Hands boto3 the media stream while a thread of its own writes the same bytes to a local copy for probing.
 
-    Written between two network reads, the copy slowed the whole transfer by a quarter (the disk takes ~275
-    MB/s here); in its own thread the write overlaps them. One part at most waits for the disk, so memory grows
+    Written between two network reads, the copy slowed the whole transfer down (README, Benchmarks: transfer);
+    in its own thread the write overlaps them. One part at most waits for the disk, so memory grows
     by one part at most. A failed write is raised by the next read (which aborts the upload) or on exit.
     """
 
@@ -106,6 +120,7 @@ def deliver_video(
     fetcher: MediaFetcher,
     store: VideoStore,
     lineage: dict[str, Any],
+    qc_thresholds: QcThresholds | None = None,
 ) -> Delivery:
     url = task.result.video_url if task.result else None
     if not url:
@@ -115,11 +130,15 @@ def deliver_video(
         copy_path = Path(tmp) / "video.mp4"
         with fetcher.open(url) as stream, copy_path.open("wb") as copy, _TeeReader(stream, copy) as tee:
             video = store.store_video(brief_id, task.id, tee, progress=_ProgressLog(stream.content_length))
+        # Read back before the pass over the copy: the decoder's memory and the read-back's never add up.
+        stored_sha256 = store.object_sha256(video.key)
         try:
-            probe, probe_error = probe_video(copy_path), None
+            inspection, probe_error = inspect_video(copy_path, qc_thresholds), None
         except ProbeError as exc:
-            probe, probe_error = None, str(exc)
-    stored_sha256 = store.object_sha256(video.key)
+            inspection, probe_error = None, str(exc)
+    pictures = inspection.pictures if inspection else None
+    poster = store.store_picture(brief_id, task.id, "poster", pictures.poster.jpeg) if pictures else None
+    sheet = store.store_picture(brief_id, task.id, "sheet", pictures.sheet.jpeg) if pictures else None
     sidecar = store.write_sidecar(
         brief_id,
         task.id,
@@ -132,7 +151,21 @@ def deliver_video(
             "final_credits": task.final_credits,
             "task_created_at": task.created_at,
             "task_updated_at": task.updated_at,
-            "probe": probe.__dict__ if probe else None,
+            "probe": asdict(inspection.probe) if inspection else None,
+            "qc": asdict(inspection.qc) if inspection else None,
+            "poster": _picture_entry(poster, pictures.poster) if pictures else None,
+            "sheet": _picture_entry(sheet, pictures.sheet) if pictures else None,
         },
     )
-    return Delivery(video, sidecar, stored_sha256, probe, probe_error, time.monotonic() - started)
+    return Delivery(video, sidecar, stored_sha256, inspection, probe_error, poster, sheet, time.monotonic() - started)
+
+
+def _picture_entry(stored: StoredObject, picture: Picture) -> dict[str, Any]:
+    """How the sidecar names a stored picture, and which moments of the clip it shows."""
+    return {
+        "uri": stored.uri,
+        "sha256": stored.sha256,
+        "width": picture.width,
+        "height": picture.height,
+        "at_seconds": list(picture.at_seconds),
+    }

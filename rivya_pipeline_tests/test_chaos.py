@@ -28,9 +28,9 @@ from rivya_pipeline.settings import REPO_ROOT
 from rivya_pipeline.storage import MIN_PART_BYTES
 from rivya_pipeline_tests.fixtures_emulator import TEST_ACCOUNT, TEST_CREDITS
 from rivya_pipeline_tests.fixtures_pipeline import FAST_LIFECYCLE
+from rivya_pipeline_tests.helpers import KLING_PRICE, s3_bytes, s3_keys
 from rivya_pipeline_tests.s3_fault_proxy import S3FaultProxy
 
-KLING_PRICE = 90
 SEED = 20260511
 SUBJECTS = [
     "a lighthouse on a basalt cliff", "a paper boat on a rain gutter", "a fox crossing a snowy field",
@@ -118,13 +118,7 @@ def s3_fault_proxy(s3_endpoint_url: str) -> Iterator[S3FaultProxy]:
 
 def stored_objects(s3_bucket, prefix: str) -> dict[str, bytes]:
     """Every object under the prefix, read straight from the S3 server (not through the proxy)."""
-    client, bucket = s3_bucket
-    keys = [
-        item["Key"]
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        for item in page.get("Contents", [])
-    ]
-    return {key: client.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
+    return {key: s3_bytes(s3_bucket, key) for key in s3_keys(s3_bucket, prefix)}
 
 
 def open_multipart_uploads(s3_bucket) -> list[str]:
@@ -196,10 +190,12 @@ def test_chaos_every_success_stored_once_and_the_wallet_charged_only_for_success
     for outcome in stored.values():
         assert (outcome.final_credits, outcome.refunded_credits) == (KLING_PRICE, 0)
 
-    # S3's own view: exactly one video + sidecar per success, nothing else, hashes agreeing, no open uploads.
+    # S3's own view: exactly one video, its two pictures and its sidecar per success, nothing else, hashes
+    # agreeing, no open uploads.
     prefix = settings.s3_prefix
     objects = stored_objects(s3_bucket, f"{prefix}/")
-    expected_keys = {f"{prefix}/{b}/{o.task_id}.{ext}" for b, o in stored.items() for ext in ("mp4", "json")}
+    extensions = ("mp4", "json", "poster.jpg", "sheet.jpg")
+    expected_keys = {f"{prefix}/{b}/{o.task_id}.{ext}" for b, o in stored.items() for ext in extensions}
     assert set(objects) == expected_keys
     for brief_id, outcome in stored.items():
         video = objects[f"{prefix}/{brief_id}/{outcome.task_id}.mp4"]

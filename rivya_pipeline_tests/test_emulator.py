@@ -1,4 +1,4 @@
-"""The emulator against the contract (/work/shared/rivya-api.md), over real HTTP with raw httpx — never the
+"""The emulator against the contract (docs/rivya-api.md), over real HTTP with raw httpx — never the
 project's client, so these tests pin what Rivya does rather than what our client expects."""
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from rivya_pipeline.emulator import FAIL_MARKER, ApiKeyConfig, EmulatorConfig, F
 from rivya_pipeline.emulator.cli import build_parser, config_from_args
 from rivya_pipeline.emulator.video import encode_mp4, free_box_header
 from rivya_pipeline_tests.fixtures_emulator import TEST_ACCOUNT, TEST_API_KEY, TEST_CREDITS
+from rivya_pipeline_tests.helpers import KLING_PRICE
 
 AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}
 OTHER_KEY = "rvya_sk_other_account"
 TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
-KLING_PRICE = 90
 
 
 def encode_image(codec: str, pix_fmt: str) -> bytes:
@@ -414,11 +414,11 @@ def finished_video_url(api: httpx.Client, body: dict[str, Any] | None = None) ->
 @pytest.mark.parametrize(
     ("body", "duration", "size"),
     [
-        pytest.param(None, 5, (64, 36), id="kling-defaults"),
-        pytest.param(kling(duration="3", aspect_ratio="9:16"), 3, (36, 64), id="kling-3s-portrait"),
-        pytest.param(kling(duration="7", aspect_ratio="1:1"), 7, (48, 48), id="kling-7s-square"),
+        pytest.param(None, 5, (1280, 720), id="kling-defaults"),
+        pytest.param(kling(duration="3", aspect_ratio="9:16"), 3, (720, 1280), id="kling-3s-portrait"),
+        pytest.param(kling(duration="7", aspect_ratio="1:1", mode="std"), 7, (480, 480), id="kling-7s-square-std"),
         pytest.param({"model": "veo3-1-fast", "prompt": "a cat", "params": {"aspectRatio": "9:16", "duration": "4"}},
-                     4, (36, 64), id="veo-param-names"),
+                     4, (480, 854), id="veo-param-names"),
     ],
 )
 def test_result_is_a_real_mp4_of_the_requested_shape(

@@ -6,6 +6,7 @@ materialized with their partition and tags. Only the sensor's clock is moved in 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from dagster import AssetCheckKey, AssetKey, DagsterRunStatus
+from dagster import AssetCheckKey, AssetKey, ConfigurableResource, DagsterRunStatus, EnvVar, Shape
 from dagster._core.event_api import PartitionKeyFilter
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 from dagster._core.test_utils import create_run_for_test
@@ -25,18 +26,19 @@ from sqlalchemy.exc import OperationalError
 
 from rivya_pipeline import polling
 from rivya_pipeline.briefs import load_briefs
-from rivya_pipeline.definitions import ASSETS
+from rivya_pipeline.definitions import ASSETS, build_definitions, build_resources
 from rivya_pipeline.defs import resources
 from rivya_pipeline.defs.assets import BATCH_TAG, STORED_VIDEO_CHECKS, generation_task
 from rivya_pipeline.defs.inputs import TASK_TAG
+from rivya_pipeline.defs.resources import RivyaResource
 from rivya_pipeline.defs.sensors import MAX_STORE_ATTEMPTS
 from rivya_pipeline.emulator import FAIL_MARKER, FaultRule
 from rivya_pipeline.headless import HeadlessRun, failure_text
-from rivya_pipeline.settings import REPO_ROOT
+from rivya_pipeline.settings import REPO_ROOT, Settings
 from rivya_pipeline_tests.fixtures_emulator import TEST_API_KEY, TEST_CREDITS
 from rivya_pipeline_tests.fixtures_pipeline import SAMPLE_BRIEFS, store_requests
+from rivya_pipeline_tests.helpers import KLING_PRICE, materialization, metadata_values, s3_bytes, s3_keys
 
-KLING_PRICE = 90
 CHECK_NAMES = {spec.name for spec in STORED_VIDEO_CHECKS}
 DOOMED_BRIEF = f"""id: doomed-balloon
 prompt: "A red balloon drifting up past a brick wall {FAIL_MARKER}"
@@ -56,15 +58,6 @@ params:
 """
 
 
-def metadata_values(entry) -> dict:
-    return {key: value.value for key, value in entry.metadata.items()}
-
-
-def materialization(result, asset: str) -> dict:
-    (event,) = result.asset_materializations_for_node(asset)
-    return metadata_values(event)
-
-
 def observations(ticks, status: str) -> list[dict]:
     return [
         {"partition": event.partition, **metadata_values(event)}
@@ -72,27 +65,6 @@ def observations(ticks, status: str) -> list[dict]:
         for event in tick.asset_events
         if metadata_values(event)["status"] == status
     ]
-
-
-def s3_keys(s3_bucket, prefix: str) -> list[str]:
-    client, bucket = s3_bucket
-    return [item["Key"] for item in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
-
-
-def s3_bytes(s3_bucket, key: str) -> bytes:
-    client, bucket = s3_bucket
-    return client.get_object(Bucket=bucket, Key=key)["Body"].read()
-
-
-def clock_moved_forward(by: timedelta) -> type[datetime]:
-    """A `datetime` whose now() runs `by` ahead: the poller's view of a later moment."""
-
-    class Later(datetime):
-        @classmethod
-        def now(cls, tz=None):
-            return datetime.now(tz) + by
-
-    return Later
 
 
 def test_sample_briefs_end_in_s3_with_passing_checks(pipeline, emulator, s3_bucket):
@@ -108,7 +80,8 @@ def test_sample_briefs_end_in_s3_with_passing_checks(pipeline, emulator, s3_buck
         result = pipeline.store(request)
 
         video_key, sidecar_key = f"{prefix}/{brief_id}/{task_id}.mp4", f"{prefix}/{brief_id}/{task_id}.json"
-        assert sorted(s3_keys(s3_bucket, f"{prefix}/{brief_id}/")) == [sidecar_key, video_key]
+        picture_keys = [f"{prefix}/{brief_id}/{task_id}.{kind}.jpg" for kind in ("poster", "sheet")]
+        assert sorted(s3_keys(s3_bucket, f"{prefix}/{brief_id}/")) == sorted([sidecar_key, video_key, *picture_keys])
         video_sha256 = hashlib.sha256(s3_bytes(s3_bucket, video_key)).hexdigest()
         stored = materialization(result, "stored_video")
         assert stored["task_id"] == task_id
@@ -205,8 +178,10 @@ def test_store_run_needs_nothing_from_the_machine_that_ran_the_submit(pipeline, 
     ("asset", "missing"),
     [
         ("generation_task", "No reference uploads for brief 'sunrise-timelapse': materialize reference_uploads first."),
-        ("stored_video", "The ledger holds no submitted task for brief 'sunrise-timelapse': materialize "
-         "generation_task first."),
+        (
+            "stored_video",
+            "The ledger holds no submitted task for brief 'sunrise-timelapse': materialize generation_task first.",
+        ),
     ],
 )
 def test_an_asset_materialized_before_its_upstream_says_what_to_do(pipeline, emulator, asset, missing):
@@ -361,7 +336,7 @@ def test_task_past_its_deadline_is_reported_timed_out_and_no_longer_polled(pipel
     polls = emulator.stats()["polls"][task_id]
 
     deadline = timedelta(minutes=pipeline.settings.task_deadline_minutes)
-    monkeypatch.setattr(polling, "datetime", clock_moved_forward(deadline + timedelta(minutes=1)))
+    monkeypatch.setattr(polling, "utc_now", lambda: datetime.now(UTC) + deadline + timedelta(minutes=1))
     late = pipeline.tick()
     later = pipeline.tick()
 
@@ -388,6 +363,61 @@ def test_dagster_validates_the_definitions(tmp_path):
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Validation successful" in done.stdout + done.stderr
+
+
+# Every setting at a value no default has, so that one a resource did not take would show.
+DISTINCT_SETTINGS = Settings(
+    requests_path=Path("/srv/briefs"),
+    base_url="https://rivya.example",
+    s3_bucket="campaign-videos",
+    s3_prefix="spring",
+    s3_endpoint_url="https://s3.example",
+    s3_region="eu-west-3",
+    s3_checksum_when_required=True,
+    s3_chunk_mb=16,
+    max_credits_per_run=180,
+    max_credits_per_day=900,
+    min_wallet_credits=45,
+    ledger_url="sqlite:////srv/ledger.sqlite",
+    allow_local_media=True,
+    max_media_mb=512,
+    task_deadline_minutes=45,
+    discovery_cron="*/10 * * * *",
+    poll_requests_per_second=7.0,
+    poll_concurrency=3,
+    request_timeout_seconds=12.0,
+)
+
+
+def test_every_setting_reaches_the_resource_field_of_its_name():
+    resources = [r for r in build_resources(DISTINCT_SETTINGS).values() if isinstance(r, ConfigurableResource)]
+    configured = {name: getattr(resource, name) for resource in resources for name in type(resource).model_fields}
+    settings = {field.name: getattr(DISTINCT_SETTINGS, field.name) for field in dataclasses.fields(Settings)}
+
+    assert configured.keys() - settings.keys() == {"api_key"}  # only ever from the environment, by EnvVar
+    assert settings.keys() - configured.keys() == {"discovery_cron"}  # the schedule's
+    assert {name: configured[name] for name in settings.keys() - {"discovery_cron"}} == {
+        name: str(value) if isinstance(value, Path) else value
+        for name, value in settings.items()
+        if name != "discovery_cron"
+    }
+    (rivya,) = [r for r in resources if isinstance(r, RivyaResource)]
+    assert rivya.api_key == EnvVar("RIVYA_API_KEY")
+
+
+def test_every_resource_field_has_a_description_for_the_ui():
+    repository = build_definitions(DISTINCT_SETTINGS).get_repository_def()
+    schemas = {key: r.config_schema.config_type for key, r in repository.get_top_level_resources().items()}
+
+    described = {
+        f"{key}.{name}": bool(field.description)
+        for key, schema in schemas.items()
+        if isinstance(schema, Shape)
+        for name, field in schema.fields.items()
+    }
+
+    assert {name.split(".")[0] for name in described} == {"rivya", "credit_limits", "ledger", "video_storage", "briefs"}
+    assert [name for name, has_one in described.items() if not has_one] == []
 
 
 def test_failed_store_run_is_requested_again_under_a_new_key_at_most_three_times(pipeline):

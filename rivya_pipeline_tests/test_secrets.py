@@ -25,6 +25,7 @@ from rivya_pipeline.headless import HeadlessRun
 from rivya_pipeline.settings import REPO_ROOT
 from rivya_pipeline_tests.fixtures_emulator import TEST_ACCOUNT
 from rivya_pipeline_tests.fixtures_pipeline import FAST_LIFECYCLE, SAMPLE_BRIEFS
+from rivya_pipeline_tests.helpers import s3_bytes, s3_keys
 from rivya_pipeline_tests.test_cli import EXIT_FAILED, cli_env, run_cli
 
 CANARY_SECRET = "CANARY_7f3a9c"  # noqa: S105 - a marker to search for, accepted only by the emulator
@@ -76,13 +77,8 @@ def files_containing(root: Path, needle: str) -> list[str]:
 
 def s3_objects_containing(s3_bucket, needle: str) -> tuple[int, list[str]]:
     """(objects read, keys of those holding `needle`): every object in the bucket, downloaded."""
-    client, bucket = s3_bucket
-    keys = [
-        item["Key"]
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-        for item in page.get("Contents", [])
-    ]
-    return len(keys), [k for k in keys if needle.encode() in client.get_object(Bucket=bucket, Key=k)["Body"].read()]
+    keys = s3_keys(s3_bucket)
+    return len(keys), [k for k in keys if needle.encode() in s3_bytes(s3_bucket, k)]
 
 
 def test_headless_run_with_failures_leaves_the_key_nowhere(
@@ -95,9 +91,10 @@ def test_headless_run_with_failures_leaves_the_key_nowhere(
     pipeline.write_brief("doomed.yaml", DOOMED_BRIEF)
     briefs = load_briefs(pipeline.requests_path)
 
-    first = {o.brief_id: o for o in HeadlessRun(settings=pipeline.settings, instance=pipeline.instance).run(
-        briefs, timeout_seconds=60
-    )}
+    first = {
+        o.brief_id: o
+        for o in HeadlessRun(settings=pipeline.settings, instance=pipeline.instance).run(briefs, timeout_seconds=60)
+    }
     # Second run: the store that failed is retried into a bucket that does not exist, and a new brief meets an
     # empty wallet, so an S3 error and a refused create join the failures.
     (store_failed,) = [o.brief_id for o in first.values() if o.status == "store_failed"]
@@ -105,12 +102,14 @@ def test_headless_run_with_failures_leaves_the_key_nowhere(
     emulator.set_credits(TEST_ACCOUNT, 0)
     again = [b for b in load_briefs(pipeline.requests_path) if b.id in (store_failed, "unpaid-harbour")]
     broken = make_pipeline(s3_bucket=MISSING_BUCKET)
-    second = {o.brief_id: o for o in HeadlessRun(settings=broken.settings, instance=broken.instance).run(
-        again, timeout_seconds=60
-    )}
+    second = {
+        o.brief_id: o
+        for o in HeadlessRun(settings=broken.settings, instance=broken.instance).run(again, timeout_seconds=60)
+    }
 
     assert {b: o.status for b, o in first.items()} == {
-        **dict.fromkeys(set(SAMPLE_BRIEFS) - {store_failed}, "stored"), store_failed: "store_failed",
+        **dict.fromkeys(set(SAMPLE_BRIEFS) - {store_failed}, "stored"),
+        store_failed: "store_failed",
         "doomed-kite": "failed",
     }
     assert {b: o.status for b, o in second.items()} == {store_failed: "store_failed", "unpaid-harbour": "not_submitted"}
@@ -126,9 +125,10 @@ def test_headless_run_with_failures_leaves_the_key_nowhere(
     assert caplog.records and CANARY_SECRET not in caplog.text
     assert all(CANARY_SECRET not in str(o) for o in [*first.values(), *second.values()])
     stored = len(SAMPLE_BRIEFS) - 1
+    objects_per_video = 4  # the video, its poster, its contact sheet and its sidecar
     read, sidecars = s3_objects_containing(s3_bucket, "dagster_run_id")
-    assert (read, len(sidecars)) == (2 * stored, stored)
-    assert s3_objects_containing(s3_bucket, CANARY_SECRET) == (2 * stored, [])
+    assert (read, len(sidecars)) == (objects_per_video * stored, stored)
+    assert s3_objects_containing(s3_bucket, CANARY_SECRET) == (objects_per_video * stored, [])
     ledger = Path(pipeline.settings.ledger_url.removeprefix("sqlite:///"))
     assert any(Path(p).name.startswith(ledger.name) for p in files_containing(ledger.parent, DOOMED_PROMPT))
     assert files_containing(Path(pipeline.instance.root_directory), DOOMED_PROMPT)
@@ -165,7 +165,7 @@ def test_cli_run_leaves_the_key_nowhere(tmp_path, configure_emulator, s3_bucket,
         assert instance_places(instance, CANARY_SECRET) == []
     assert any(Path(p).name.startswith("rivya_ledger.sqlite") for p in files_containing(home, DOOMED_PROMPT))
     assert files_containing(home, CANARY_SECRET) == []  # instance storage, compute logs and the ledger
-    assert s3_objects_containing(s3_bucket, CANARY_SECRET) == (4, [])
+    assert s3_objects_containing(s3_bucket, CANARY_SECRET) == (8, [])  # two videos, each with 3 more objects
     stats = emulator.stats()
     assert stats["media_requests"] > 0
     assert stats["media_authorization_headers_seen"] == 0

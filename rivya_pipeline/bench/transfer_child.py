@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from ..delivery import deliver_video
@@ -19,13 +17,7 @@ from ..rivya import GenerationTask
 from ..rivya.media import MediaFetcher
 from ..settings import Settings
 from ..storage import VideoStore, make_s3_client
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory (Linux's VmHWM). Not `ru_maxrss`: that one survives exec, so a child
-    started by a big parent would report the parent's size."""
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE).group(1)) / 1024
+from .memory import peak_rss_mb
 
 
 def deliver(job: dict[str, Any]) -> dict[str, Any]:
@@ -39,7 +31,7 @@ def deliver(job: dict[str, Any]) -> dict[str, Any]:
         endpoint_url=job["s3_url"],
     )
     task = GenerationTask.model_validate(job["task"])
-    before = _peak_rss_mb()
+    before = peak_rss_mb()
     with MediaFetcher(allow_local=True, max_bytes=settings.max_media_mb * 1_000_000) as fetcher:
         delivery = deliver_video(task=task, brief_id="bench-transfer", fetcher=fetcher, store=store, lineage={})
     return {
@@ -48,17 +40,17 @@ def deliver(job: dict[str, Any]) -> dict[str, Any]:
         "sha256_matches": delivery.stored_sha256 == delivery.video.sha256,
         "decodable": delivery.probe is not None,
         "rss_before_mb": before,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
 def upload_file(job: dict[str, Any]) -> dict[str, Any]:
     """The baseline: boto3's own managed upload of a file on disk, with boto3's default settings."""
     client = make_s3_client(endpoint_url=job["s3_url"], region="us-east-1")
-    before = _peak_rss_mb()
+    before = peak_rss_mb()
     started = time.perf_counter()
     client.upload_file(job["path"], job["bucket"], "baseline/video.mp4")
-    return {"seconds": time.perf_counter() - started, "rss_before_mb": before, "peak_rss_mb": _peak_rss_mb()}
+    return {"seconds": time.perf_counter() - started, "rss_before_mb": before, "peak_rss_mb": peak_rss_mb()}
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def build_api_app(state: EmulatorState) -> Starlette:
                 validate_client_request_id(form.get("client_request_id"))
                 if not isinstance(upload, UploadFile):
                     raise ApiError("validation_failed", "file is required (multipart/form-data field 'file').")
-                max_bytes, accepted = upload_rules(kind, model_id)
+                kind, max_bytes, accepted = upload_rules(kind, model_id)
                 content = await upload.read(max_bytes + 1)
                 name = upload.filename or "upload"
         except HTTPException as error:
@@ -93,7 +93,7 @@ def build_api_app(state: EmulatorState) -> Starlette:
             raise ApiError("validation_failed", "The body is not valid JSON.") from error
         task, replayed = state.create_generation(account, request.headers.get("idempotency-key"), body)
         if not replayed:
-            lost = state.faults.take("create_generation", lost_response=True)
+            lost = state.faults.take("create_generation", kind="lost_response")
             if lost is not None:
                 return fault_response(lost)
         return JSONResponse(task, status_code=202, headers={"Idempotent-Replayed": "true"} if replayed else None)

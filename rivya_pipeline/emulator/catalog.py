@@ -1,4 +1,4 @@
-"""The model catalog served by GET /api/v1/models: kling-3-0 exactly as the contract (section 5) states,
+"""The model catalog served by GET /api/v1/models: kling-3-0 exactly as docs/rivya-api.md (section 5) states,
 plus models with other param names and prices so a client that hard-codes kling-3-0 gets caught."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ REFERENCE_ITEMS_PARAM = "referenceMediaItems"
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One entry of a model's `params[]` in the [assumed] shape of the contract."""
+    """One entry of a model's `params[]`, in the shape docs/rivya-api.md marks [assumed]."""
 
     key: str
     type: str = "select"
@@ -42,7 +42,8 @@ class ParamSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A catalog entry; `duration_param`/`aspect_param` tell the video maker which params shape the result."""
+    """A catalog entry; `duration_param`/`aspect_param` (and `mode_param`/`sound_param` where the model has them)
+    tell the video maker which params shape the result."""
 
     id: str
     display_name: str
@@ -51,6 +52,8 @@ class ModelSpec:
     params: tuple[ParamSpec, ...]
     duration_param: str
     aspect_param: str
+    mode_param: str | None = None
+    sound_param: str | None = None
     reference_kinds: tuple[str, ...] = ("image",)
     max_reference_items: int = 2
     api_status: str = "available"
@@ -93,7 +96,7 @@ CATALOG: dict[str, ModelSpec] = {
     for spec in (
         ModelSpec(
             id="kling-3-0", display_name="Kling 3.0", base_credits=90, max_prompt_length=2000,
-            duration_param="duration", aspect_param="aspect_ratio",
+            duration_param="duration", aspect_param="aspect_ratio", mode_param="mode", sound_param="sound",
             params=(
                 _select("mode", "pro", ["std", "pro"]),
                 _select("multi_shots", "false", _FLAGS),
@@ -104,7 +107,7 @@ CATALOG: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             id="veo3-1-fast", display_name="Veo 3.1 Fast", base_credits=60, max_prompt_length=1000,
-            duration_param="duration", aspect_param="aspectRatio", max_reference_items=3,
+            duration_param="duration", aspect_param="aspectRatio", sound_param="generateAudio", max_reference_items=3,
             params=(
                 _select("aspectRatio", "16:9", ["16:9", "9:16"]),
                 _select("duration", "8", ["4", "6", "8"]),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -22,12 +22,23 @@ DEFAULT_ACCOUNT = "acct_test"
 # A prompt containing this marker always fails, so tests can force the failure path without randomness.
 FAIL_MARKER = "[emulator:fail]"
 
+# What a `bad_video` fault (or a prompt holding "[emulator:<fault>]") makes of a task's result video: all black,
+# one still frame, an audio track of digital silence, no audio track even when sound was asked for, or a 4:3 frame.
+VideoFault = Literal["black", "frozen", "silent", "no_audio", "wrong_aspect"]
+VIDEO_FAULTS: tuple[VideoFault, ...] = get_args(VideoFault)
+
+
+def video_fault_marker(fault: VideoFault) -> str:
+    """The prompt marker that gives a task this faulty result video, whatever fault rules are set."""
+    return f"[emulator:{fault}]"
+
+
 FaultEndpoint = Literal[
     "*", "models", "upload_file", "get_file", "create_generation", "get_generation", "credits", "media"
 ]
 FaultKind = Literal[
     "rate_limited", "server_error", "internal_error", "public_api_disabled", "drop_connection", "slow",
-    "lost_response", "trickle",
+    "lost_response", "trickle", "bad_video",
 ]
 
 
@@ -68,11 +79,14 @@ class FaultRule(_Strict):
     bytes_per_second: int = Field(
         default=1_000_000, ge=1, description="trickle: pace of a media body, so a client can be killed mid-download"
     )
+    video: VideoFault = Field(
+        default="black", description="bad_video: what the result video of the task being created is made of"
+    )
 
     @model_validator(mode="after")
     def _endpoint_specific_kinds(self) -> FaultRule:
-        if self.kind == "lost_response" and self.endpoint != "create_generation":
-            raise ValueError("lost_response applies only to endpoint 'create_generation'")
+        if self.kind in ("lost_response", "bad_video") and self.endpoint != "create_generation":
+            raise ValueError(f"{self.kind} applies only to endpoint 'create_generation'")
         if self.kind == "trickle" and self.endpoint != "media":
             raise ValueError("trickle applies only to endpoint 'media'")
         if self.rate is not None and self.times is not None:

@@ -10,9 +10,11 @@ from collections import Counter
 from starlette.responses import HTMLResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from .config import FaultRule
+from .config import FaultKind, FaultRule
 from .errors import error_response
 
+# Kinds that never replace a response before the request is handled; `take` hands them out only by name.
+_DEFERRED_KINDS: frozenset[str] = frozenset({"lost_response", "bad_video"})
 _PROXY_502_PAGE = (
     "<html>\r\n<head><title>{status} Bad Gateway</title></head>\r\n<body>\r\n"
     "<center><h1>{status} Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
@@ -41,12 +43,15 @@ class FaultInjector:
         with self._lock:
             return dict(self._injected)
 
-    def take(self, endpoint: str, *, lost_response: bool = False) -> FaultRule | None:
-        """The first matching rule that fires now. `lost_response` rules are asked for separately, after a
-        create has been performed; every other kind is decided before the request is handled."""
+    def take(self, endpoint: str, *, kind: FaultKind | None = None) -> FaultRule | None:
+        """The first matching rule that fires now. Without `kind`, a rule decided before the request is handled;
+        the deferred kinds are asked for by name at their own moment: `bad_video` while a create makes its task,
+        `lost_response` once that create has been performed."""
         with self._lock:
             for index, rule in enumerate(self._rules):
-                if rule.endpoint not in ("*", endpoint) or (rule.kind == "lost_response") != lost_response:
+                if rule.endpoint not in ("*", endpoint):
+                    continue
+                if rule.kind != kind if kind else rule.kind in _DEFERRED_KINDS:
                     continue
                 if not self._fires(index, rule):
                     continue

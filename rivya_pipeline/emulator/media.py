@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from .faults import applied_fault
 from .state import EmulatorState
-from .video import encode_mp4, iter_padded, padded_size
+from .video import iter_padded, padded_size
 
 
 def build_media_app(state: EmulatorState) -> Starlette:
@@ -39,7 +39,7 @@ def build_media_app(state: EmulatorState) -> Starlette:
         shape = state.result_video(task_id)
         if shape is None:
             return PlainTextResponse("Not Found", status_code=404)
-        video = await run_in_threadpool(encode_mp4, *shape, state.config.video_fps)
+        video = await run_in_threadpool(shape.encode, state.config.video_fps)
         total_size = padded_size(len(video), state.config.result_min_bytes)
         return StreamingResponse(
             served(iter_padded(video, total_size), bytes_per_second),

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from .config import VideoFault
 from .errors import iso_timestamp
 
 
@@ -62,6 +63,7 @@ class Task:
     created: float
     started: float
     finished: float
+    video_fault: VideoFault | None = None
 
     def status(self, now: float) -> str:
         if now < self.started:

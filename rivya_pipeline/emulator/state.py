@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .catalog import CATALOG
-from .config import FAIL_MARKER, EmulatorConfig
+from .config import FAIL_MARKER, VIDEO_FAULTS, EmulatorConfig, VideoFault, video_fault_marker
 from .errors import ApiError, new_id
 from .faults import FaultInjector
 from .records import EmulatorClock, StoredFile, Task
 from .validation import GenerationRequest, validate_generation
+from .video import DEFAULT_MODE, ResultShape
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
@@ -160,17 +161,27 @@ class EmulatorState:
         self._wallets[account] = wallet - price
         task_id = new_id("task")
         started = now + self.config.queued_seconds
+        will_fail = FAIL_MARKER in request.prompt or self._outcome_rng.random() < self.config.failure_rate
         task = Task(
             id=task_id, account=account, model_id=request.model.id, params=request.params, price=price,
-            will_fail=FAIL_MARKER in request.prompt or self._outcome_rng.random() < self.config.failure_rate,
+            will_fail=will_fail,
             result_url=f"{self.config.result_url_base or self.media_base_url}/media/{task_id}.mp4",
             created=now, started=started, finished=started + self.config.processing_seconds,
+            video_fault=None if will_fail else self._video_fault(request.prompt),
         )
         self._tasks[task_id] = task
         heapq.heappush(self._unsettled, (task.finished, task_id))
         self._stats.charges[task_id] = {"task_id": task_id, "account": account, "credits": price, "refunded": False}
         self._stats.creates_performed += 1
         return task
+
+    def _video_fault(self, prompt: str) -> VideoFault | None:
+        """A marker in the prompt (one brief, deterministically), else a `bad_video` rule firing for this create."""
+        marked = next((fault for fault in VIDEO_FAULTS if video_fault_marker(fault) in prompt), None)
+        if marked is not None:
+            return marked
+        rule = self.faults.take("create_generation", kind="bad_video")
+        return rule.video if rule is not None else None
 
     def get_generation(self, account: str, task_id: str) -> dict[str, Any]:
         with self._lock:
@@ -190,14 +201,20 @@ class EmulatorState:
         with self._lock:
             self._wallets[account] = credits
 
-    def result_video(self, task_id: str) -> tuple[int, str] | None:
-        """(duration seconds, aspect ratio) of a succeeded task's video, for the media host."""
+    def result_video(self, task_id: str) -> ResultShape | None:
+        """The shape of a succeeded task's video, for the media host."""
         with self._lock:
             task = self._tasks.get(task_id)
             if task is None or task.status(self.clock.now()) != "succeeded":
                 return None
-            model = CATALOG[task.model_id]
-            return int(task.params[model.duration_param]), task.params[model.aspect_param]
+            model, params = CATALOG[task.model_id], task.params
+            return ResultShape(
+                duration_seconds=int(params[model.duration_param]),
+                aspect_ratio=params[model.aspect_param],
+                mode=params[model.mode_param] if model.mode_param else DEFAULT_MODE,
+                sound=model.sound_param is not None and params[model.sound_param] == "true",
+                fault=task.video_fault,
+            )
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
