@@ -3,7 +3,8 @@
 
 Covers the asset graph and its edges, one partition materialized from the UI (partition added in the
 launch dialog), the run, the stored video's partition page and checks, and the sensor and schedule
-under Automation. Screenshots and the stack's log go to test-output/ui/.
+under Automation. Screenshots, the stack's log and a Playwright trace of each failed test go to test-output/ui/
+(open one with `playwright show-trace`).
 """
 
 from __future__ import annotations
@@ -33,9 +34,15 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package (.ci/ensure-chromium); Playwright downloads nothing
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
     # The machine's network is closed: nothing in the browser may try to reach out.
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 OUTPUT = REPO_ROOT / "test-output" / "ui"
 GROUP = "video_generation"
@@ -46,7 +53,9 @@ EDGES = {
     ("reference_uploads", "generation_task"),
     ("generation_task", "stored_video"),
 }
-CHECKS = ["decodable_mp4", "duration_matches", "aspect_ratio_matches", "sha256_matches"]
+CHECKS = ["decodable_mp4", "duration_matches", "aspect_ratio_matches", "sha256_matches"]  # blocking
+QC_CHECKS = ["audio_matches", "not_black", "not_frozen"]  # not blocking
+PICTURES = {"poster": "poster.jpg", "contact_sheet": "sheet.jpg"}  # metadata label -> the full-size object's suffix
 BRIEF_FILE = "one-reference.yaml"  # one reference image, so every asset of the run does real work
 NEVER = "0 0 1 1 *"  # brief_discovery must not launch runs of its own while the test drives the UI
 STARTUP_TIMEOUT_SECONDS = 120
@@ -125,17 +134,31 @@ def dev_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
     requests = shutil.copytree(REPO_ROOT / "requests", root / "requests")
     ui, api, media, s3 = free_ports(4)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RIVYA_", "AWS_"))}
-    env |= {"DAGSTER_HOME": str(root / "dagster_home"), "RIVYA_REQUESTS_PATH": str(requests),
-            "RIVYA_DISCOVERY_CRON": NEVER}
+    env |= {
+        "DAGSTER_HOME": str(root / "dagster_home"),
+        "RIVYA_REQUESTS_PATH": str(requests),
+        "RIVYA_DISCOVERY_CRON": NEVER,
+    }
     command = [
-        str(Path(sys.executable).with_name("rivya-pipeline")), "dev", "--port", str(ui),
-        "--api-port", str(api), "--media-port", str(media), "--s3-port", str(s3), "--data-dir", str(root / "data"),
+        str(Path(sys.executable).with_name("rivya-pipeline")),
+        "dev",
+        "--port",
+        str(ui),
+        "--api-port",
+        str(api),
+        "--media-port",
+        str(media),
+        "--s3-port",
+        str(s3),
+        "--data-dir",
+        str(root / "data"),
     ]
     OUTPUT.mkdir(parents=True, exist_ok=True)
     log = OUTPUT / "dev.log"
     with log.open("w") as out:
-        process = subprocess.Popen(command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     stack = DevStack(url=f"http://127.0.0.1:{ui}", s3_url=f"http://127.0.0.1:{s3}", requests=requests)
     try:
         wait_until_loaded(stack, process, log)
@@ -160,23 +183,31 @@ def page(browser: Browser, dev_stack: DevStack, request: pytest.FixtureRequest) 
     context = browser.new_context(base_url=dev_stack.url, viewport={"width": 1440, "height": 900})
     context.set_default_timeout(UI_TIMEOUT_MS)
     expect.set_options(timeout=UI_TIMEOUT_MS)
+    context.tracing.start(screenshots=True, snapshots=True)
+    failed_before = request.session.testsfailed
     page = context.new_page()
     yield page
     screenshot(page, f"last-{request.node.name}")  # what the page showed at the end, pass or fail
+    failed = request.session.testsfailed > failed_before  # the test's own report is counted before this teardown
+    context.tracing.stop(path=OUTPUT / f"trace-{request.node.name}.zip" if failed else None)
     context.close()
 
 
-def close_dialog(dialog: Locator, attempts: int = 3) -> None:
-    """Cancel, and make sure it closed: a click that lands while the dialog is still settling (a re-render after a
-    partition was added) is lost, and the dialog's backdrop then swallows every later click."""
-    for _ in range(attempts):
-        dialog.get_by_role("button", name="Cancel").click()
-        try:
-            expect(dialog).to_be_hidden(timeout=5_000)
-            return
-        except AssertionError:
-            continue
-    expect(dialog).to_be_hidden()
+def add_partition_in_launch_dialog(page: Page, launch_dialog: Locator, partition: str) -> None:
+    """Add the partition with the launch dialog's own "Add a partition", and return once the dialog is settled.
+
+    Save sets off a reload of the selected assets in the background, and when that reload's last query
+    (LaunchAssetLoaderResourceQuery) returns, the UI sets the launch dialog open again. A dialog closed before then
+    (by Cancel, or by a launch) opens again by itself, with nothing selected, and its backdrop takes the next click on
+    the page. So wait for that reply: from then on the dialog only closes when the test closes it.
+    """
+    launch_dialog.get_by_text("Add a partition", exact=True).click()
+    add_partition = page.get_by_role("dialog").filter(has_text="Add a partition for")
+    add_partition.get_by_role("textbox").fill(partition)  # its "Partition name" is not tied to the input as a label
+    with page.expect_response(lambda response: response.url.endswith("op=LaunchAssetLoaderResourceQuery")) as reload:
+        add_partition.get_by_role("button", name="Save").click()
+    assert reload.value.finished() is None, "the launch dialog's reload after Save failed"
+    expect(add_partition).to_be_hidden()
 
 
 def screenshot(page: Page, name: str) -> None:
@@ -238,24 +269,19 @@ def test_materialize_one_partition_from_the_ui(page: Page, dev_stack: DevStack) 
     loading = launch_dialog.get_by_text(re.compile(r"^Loading"))
     materialize.click()
     expect(loading).to_have_count(0)
-    launch_dialog.get_by_text("Add a partition", exact=True).click()
-    add_partition = page.get_by_role("dialog").filter(has_text="Add a partition for")
-    add_partition.get_by_role("textbox").fill(partition)  # its "Partition name" is not tied to the input as a label
-    add_partition.get_by_role("button", name="Save").click()
-    expect(add_partition).to_be_hidden()
-    # The dialog does not always keep a just-added partition selected (half the time on a loaded machine), so pick
-    # it from the list in a freshly opened dialog, as a person would.
-    close_dialog(launch_dialog)
-    materialize.click()
-    expect(loading).to_have_count(0)
-    launch_dialog.get_by_text("Select a partition or create one").click()
-    page.get_by_role("menuitem", name=partition).click()
+    add_partition_in_launch_dialog(page, launch_dialog, partition)
+    # Save selects the new partition only when the partitions' status did not reload while it was saving, so tick it
+    # in the list, as a person would: check() leaves an already ticked box alone.
+    launch_dialog.get_by_role("img", name="expand_more").click()  # opens the partition list
+    listed = launch_dialog.get_by_role("menuitem", name=partition)
+    listed.locator("label", has=page.get_by_role("checkbox")).check()  # the box is drawn over by its label
     launch_dialog.get_by_text(f"Launch runs to materialize {len(ASSETS)} assets").click()  # closes the list
     expect(launch_dialog.get_by_text("1 partition", exact=True)).to_be_visible()
     launch = launch_dialog.get_by_role("button", name="Launch 1 run")
     expect(launch).to_be_enabled()
     screenshot(page, "03-launch-dialog")
     launch.click()
+    expect(launch_dialog).to_be_hidden()
 
     # The toast names the run and links to it; the run page follows it live to its end.
     expect(page.get_by_text(re.compile(r"Launched run [0-9a-f]{8}"))).to_be_visible()
@@ -284,15 +310,29 @@ def test_materialize_one_partition_from_the_ui(page: Page, dev_stack: DevStack) 
     expect(metadata_row(page, "prompt")).to_contain_text(brief["prompt"][:40])
     screenshot(page, "05-partition-stored_video")
 
+    # The poster and the contact sheet: a long Markdown value sits behind "[Show Markdown]", whose dialog shows the
+    # inline thumbnail (it loads from the event log, whoever may read the bucket) and names the full-size JPEG.
+    for label, suffix in PICTURES.items():
+        expect(metadata_row(page, f"{label}_uri")).to_contain_text(f"/{partition}/{task_id}.{suffix}")
+        metadata_row(page, label).get_by_text("[Show Markdown]").click()
+        dialog = page.get_by_role("dialog").filter(has_text=label)  # the dialog's title is the label
+        image = dialog.locator("img[src^='data:image/jpeg;base64,']")
+        expect(image).to_be_visible()
+        assert image.evaluate("img => img.complete && img.naturalWidth") > 0, f"the {label} did not load"
+        expect(dialog).to_contain_text(f"{task_id}.{suffix}")
+        screenshot(page, f"05-partition-stored_video-{label}")
+        dialog.get_by_role("button", name="Close").click()
+        expect(dialog).to_be_hidden()
+
     # Clicking the S3 link opens the video in a new tab; the bytes behind it are the stored MP4.
     with page.context.expect_event("response", lambda response: response.url == href) as opened:
         s3_link.click()
     assert opened.value.status in (200, 206) and opened.value.header_value("content-type") == "video/mp4"
     assert httpx.get(href, timeout=30).raise_for_status().content[4:8] == b"ftyp"
 
-    # Its four blocking checks passed for this partition.
+    # Its checks passed for this partition: the four blocking ones and the three of QC.
     page.get_by_role("tab", name="Checks").click()
-    for check in CHECKS:
+    for check in CHECKS + QC_CHECKS:
         expect(page.get_by_title(check, exact=True).locator("xpath=..")).to_contain_text("Succeeded")
     screenshot(page, "06-checks-stored_video")
 
