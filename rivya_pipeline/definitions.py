@@ -20,6 +20,7 @@ from .defs.resources import (
     CreditLimitsResource,
     LedgerResource,
     RivyaResource,
+    VideoQcResource,
     VideoStorageResource,
     from_settings,
 )
@@ -37,6 +38,7 @@ def build_resources(settings: Settings) -> dict[str, Any]:
         "credit_limits": from_settings(CreditLimitsResource, settings),
         "ledger": from_settings(LedgerResource, settings),
         "video_storage": from_settings(VideoStorageResource, settings),
+        "video_qc": from_settings(VideoQcResource, settings),
         "briefs": from_settings(BriefsResource, settings),
         BRIEF_LOADER: brief_from_folder,
         UPLOADS_LOADER: uploads_from_event_log,

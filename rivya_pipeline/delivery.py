@@ -153,8 +153,8 @@ def deliver_video(
             "task_updated_at": task.updated_at,
             "probe": asdict(inspection.probe) if inspection else None,
             "qc": asdict(inspection.qc) if inspection else None,
-            "poster": _picture_entry(poster, pictures.poster) if pictures else None,
-            "sheet": _picture_entry(sheet, pictures.sheet) if pictures else None,
+            "poster": _picture_entry(poster, pictures.poster) if pictures and poster else None,
+            "sheet": _picture_entry(sheet, pictures.sheet) if pictures and sheet else None,
         },
     )
     return Delivery(video, sidecar, stored_sha256, inspection, probe_error, poster, sheet, time.monotonic() - started)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dagster import (
@@ -29,6 +29,7 @@ from .definitions import ASSETS, build_resources
 from .defs.assets import BATCH_TAG, generation_task, reference_uploads, stored_video, video_brief
 from .defs.inputs import TASK_TAG
 from .defs.schedules import add_brief_partitions
+from .defs.video_qc import QcFailure, qc_failures
 from .ledger import Ledger, TaskRecord
 from .polling import TaskPoller
 from .rivya import PENDING_STATUSES, TaskStatus
@@ -48,6 +49,7 @@ class BriefOutcome:
     final_credits: int = 0
     refunded_credits: int = 0
     error: str | None = None
+    qc_failures: list[QcFailure] = field(default_factory=list)  # of the stored video: it still counts as stored
 
     @property
     def succeeded(self) -> bool:
@@ -133,6 +135,8 @@ class HeadlessRun:
         for brief_id in waiting:
             outcomes[brief_id].status = TaskStatus.TIMED_OUT
             outcomes[brief_id].error = f"still processing after {timeout_seconds:.0f}s; the sensor keeps polling"
+        for failure in qc_failures(self.instance, list(outcomes)):
+            outcomes[failure.brief_id].qc_failures.append(failure)
         return list(outcomes.values())
 
     def _materialize(

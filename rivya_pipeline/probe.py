@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import av
+from av.container import InputContainer
+from av.error import FFmpegError
 
 from .qc.thresholds import QcThresholds
 
@@ -72,11 +74,11 @@ def inspect_video(path: Path, thresholds: QcThresholds | None = None) -> VideoIn
             if not container.streams.video:
                 raise ProbeError("no video stream")
             return _inspect(container, thresholds)
-    except av.FFmpegError as exc:
+    except FFmpegError as exc:
         raise ProbeError(f"not a decodable video: {exc}") from None
 
 
-def _inspect(container: av.container.InputContainer, thresholds: QcThresholds) -> VideoInspection:
+def _inspect(container: InputContainer, thresholds: QcThresholds) -> VideoInspection:
     # numpy and Pillow load on the first pass, not with this module: a delivery imports it, and holding them
     # while its multipart parts are in memory would raise the delivery's peak RSS.
     from .qc.measures import AudioMeter, LumaMeter, QcMeasurements
@@ -95,13 +97,13 @@ def _inspect(container: av.container.InputContainer, thresholds: QcThresholds) -
     for packet in container.demux(*(stream for stream in (video, audio) if stream is not None)):
         packets += packet.size > 0  # the empty packets that flush each decoder are not part of the file
         for frame in packet.decode():
-            if packet.stream is video:
+            if isinstance(frame, av.VideoFrame):  # only the video and audio streams are demuxed
                 at = frame.time if frame.time is not None else video_frames * frame_seconds
                 first_at = at if first_at is None else first_at
                 video_frames += 1
                 luma.offer(frame, at - first_at, frame_seconds)
                 pictures.offer(frame, at - first_at)
-            else:
+            elif isinstance(frame, av.AudioFrame) and sound is not None:
                 audio_frames += 1
                 sound.add(frame)
     luma.finish()

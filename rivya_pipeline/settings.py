@@ -2,7 +2,8 @@
 
 The API key is deliberately NOT here: it only ever reaches the code through a Dagster `EnvVar`, so
 it is never part of run config, definitions metadata or this object's repr. This module imports nothing from
-the package, so any module can take its constants from here.
+the package but the QC thresholds' model (which imports nothing from it), so any module can take its constants
+from here.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import overload
+
+from pydantic import ValidationError
+
+from .qc.thresholds import QcThresholds
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BASE_URL = "https://rivya.ai"
@@ -71,6 +76,28 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
     raise SettingsError(f"{name}: must be 1/0, true/false, yes/no or on/off (got {raw!r})")
 
 
+def qc_variable(threshold: str) -> str:
+    """The variable of a QC threshold: `black_max_seconds` is RIVYA_QC_BLACK_MAX_SECONDS."""
+    return f"RIVYA_QC_{threshold.upper()}"
+
+
+def _qc_thresholds(env: Mapping[str, str]) -> dict[str, float]:
+    """Every QC threshold from its variable, or its default; QcThresholds' own rules say which values can work."""
+    values: dict[str, float] = {}
+    for name in QcThresholds.model_fields:
+        raw = env.get(qc_variable(name), "").strip()
+        if raw:
+            try:
+                values[name] = float(raw)
+            except ValueError:
+                raise SettingsError(f"{qc_variable(name)}: must be a number (got {raw!r})") from None
+    try:
+        return QcThresholds(**values).model_dump()
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise SettingsError(f"{qc_variable(str(error['loc'][0]))}: {error['msg']} (got {error['input']})") from None
+
+
 @dataclass(frozen=True)
 class Settings:
     """One field per variable. A resource field with the same name is filled from it (see `build_resources`)."""
@@ -94,6 +121,14 @@ class Settings:
     poll_requests_per_second: float
     poll_concurrency: int
     request_timeout_seconds: float
+    # The QC checks' thresholds, named as in QcThresholds (see there for their meaning and defaults).
+    black_pixel_luma: float
+    black_picture_share: float
+    black_max_seconds: float
+    black_max_fraction: float
+    freeze_noise_db: float
+    freeze_max_seconds: float
+    silence_max_dbfs: float
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -119,4 +154,5 @@ class Settings:
             poll_requests_per_second=_float(env, "RIVYA_POLL_REQUESTS_PER_SECOND", 20.0),
             poll_concurrency=_int(env, "RIVYA_POLL_CONCURRENCY", 16, minimum=1),
             request_timeout_seconds=_float(env, "RIVYA_TIMEOUT_SECONDS", 30.0),
+            **_qc_thresholds(env),
         )

@@ -386,6 +386,13 @@ DISTINCT_SETTINGS = Settings(
     poll_requests_per_second=7.0,
     poll_concurrency=3,
     request_timeout_seconds=12.0,
+    black_pixel_luma=0.15,
+    black_picture_share=0.95,
+    black_max_seconds=3.0,
+    black_max_fraction=0.4,
+    freeze_noise_db=-50.0,
+    freeze_max_seconds=4.0,
+    silence_max_dbfs=-70.0,
 )
 
 
@@ -416,7 +423,14 @@ def test_every_resource_field_has_a_description_for_the_ui():
         for name, field in schema.fields.items()
     }
 
-    assert {name.split(".")[0] for name in described} == {"rivya", "credit_limits", "ledger", "video_storage", "briefs"}
+    assert {name.split(".")[0] for name in described} == {
+        "rivya",
+        "credit_limits",
+        "ledger",
+        "video_storage",
+        "video_qc",
+        "briefs",
+    }
     assert [name for name, has_one in described.items() if not has_one] == []
 
 

@@ -37,8 +37,10 @@ from .resources import (
     CreditLimitsResource,
     LedgerResource,
     RivyaResource,
+    VideoQcResource,
     VideoStorageResource,
 )
+from .video_qc import QC_CHECKS, picture_metadata, qc_check_results
 
 BRIEF_PARTITIONS = "briefs"  # the dynamic partitions: one per brief id
 briefs_partitions = DynamicPartitionsDefinition(name=BRIEF_PARTITIONS)
@@ -136,11 +138,22 @@ def refuse_a_resend_of_another_version(context: AssetExecutionContext, brief: Br
 # Partitioned like the asset: each brief's video has its own check results. Without partitions_def Dagster
 # records them as checks of the whole asset, and a later brief's pass hides an earlier brief's failure.
 # Dagster 1.13 calls partitioned checks a preview and warns on every load; the warning is silenced here only.
+# The integrity checks block (a failure fails the step, after the materialization is recorded); the QC checks do
+# not, so a stored video that QC finds unusable is still a success of the step that stored it (video_qc.py).
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", PreviewWarning)
     STORED_VIDEO_CHECKS = [
-        AssetCheckSpec(name, asset="stored_video", blocking=True, partitions_def=briefs_partitions, description=text)
-        for name, text in events.STORED_VIDEO_CHECK_DESCRIPTIONS.items()
+        AssetCheckSpec(
+            name,
+            asset="stored_video",
+            blocking=name not in QC_CHECKS,
+            partitions_def=briefs_partitions,
+            description=text,
+        )
+        for name, text in [
+            *events.STORED_VIDEO_CHECK_DESCRIPTIONS.items(),
+            *((name, check.description) for name, check in QC_CHECKS.items()),
+        ]
     ]
 
 
@@ -151,7 +164,8 @@ with warnings.catch_warnings():
     check_specs=STORED_VIDEO_CHECKS,
     ins={"generation_task": AssetIn(input_manager_key=TASK_LOADER)},
     description="The finished video in S3 ({prefix}/{brief}/{task}.mp4) with a JSON lineage sidecar, streamed from "
-    "Rivya's media host and verified: decodable, right duration and aspect ratio, SHA-256 of the stored object.",
+    "Rivya's media host and verified: decodable, right duration and aspect ratio, SHA-256 of the stored object. "
+    "QC checks the sound, black and frozen frames; the partition page shows a poster and a contact sheet.",
 )
 def stored_video(
     context: AssetExecutionContext,
@@ -159,6 +173,7 @@ def stored_video(
     rivya: RivyaResource,
     ledger: LedgerResource,
     video_storage: VideoStorageResource,
+    video_qc: VideoQcResource,
 ) -> Iterator[AssetObservation | MaterializeResult]:
     handle = generation_task
     try:
@@ -183,11 +198,15 @@ def stored_video(
             fetcher=fetcher,
             store=video_storage.store(),
             lineage=events.sidecar_lineage(handle, context.run_id),
+            qc_thresholds=video_qc.thresholds(),
         )
     tasks.mark_stored(task.id, uri=delivery.video.uri, sha256=delivery.video.sha256)
     yield MaterializeResult(
-        metadata=events.stored_video_metadata(delivery, task, handle),
-        check_results=events.stored_video_checks(delivery, handle),
+        metadata={**events.stored_video_metadata(delivery, task, handle), **picture_metadata(delivery)},
+        check_results=[
+            *events.stored_video_checks(delivery, handle),
+            *qc_check_results(delivery, handle, video_qc.thresholds()),
+        ],
     )
 
 

@@ -19,6 +19,7 @@ from sqlalchemy.exc import DBAPIError
 from ..briefs import Brief, load_brief_by_id
 from ..ledger import CreditLimits, Ledger, TaskTracker
 from ..polling import TaskPoller
+from ..qc.thresholds import QcThresholds
 from ..rivya import RetryPolicy, RivyaClient
 from ..rivya.media import MediaFetcher
 from ..settings import DEFAULT_BASE_URL, Settings
@@ -202,6 +203,14 @@ class VideoStorageResource(ConfigurableResource):
             chunk_bytes=self.s3_chunk_mb * 1024**2,
             endpoint_url=self.s3_endpoint_url,
         )
+
+
+class VideoQcResource(ConfigurableResource, QcThresholds):
+    """The thresholds of stored_video's QC checks: every field of QcThresholds (its descriptions show in the UI),
+    each set from its variable RIVYA_QC_<FIELD NAME>. The checks name the values they used in their metadata."""
+
+    def thresholds(self) -> QcThresholds:
+        return QcThresholds(**{name: getattr(self, name) for name in QcThresholds.model_fields})
 
 
 class BriefsResource(ConfigurableResource):

@@ -96,13 +96,20 @@ class EmulatorState:
         with self._lock:
             self._stats.media_bytes_served += count
 
-    def add_file(self, account: str, kind: str, name: str, mime_type: str, content: bytes,
-                 duration_seconds: float | None) -> dict[str, Any]:
+    def add_file(
+        self, account: str, kind: str, name: str, mime_type: str, content: bytes, duration_seconds: float | None
+    ) -> dict[str, Any]:
         with self._lock:
             file_id = new_id("file")
             stored = StoredFile(
-                id=file_id, account=account, kind=kind, name=name, mime_type=mime_type, content=content,
-                url=f"{self.media_base_url}/files/{file_id}", created_at=self.clock.wall(self.clock.now()),
+                id=file_id,
+                account=account,
+                kind=kind,
+                name=name,
+                mime_type=mime_type,
+                content=content,
+                url=f"{self.media_base_url}/files/{file_id}",
+                created_at=self.clock.wall(self.clock.now()),
                 duration_seconds=duration_seconds,
                 duration_token=new_id("dtok") if duration_seconds is not None else None,
             )
@@ -123,9 +130,7 @@ class EmulatorState:
         with self._lock:
             return self._files.get(file_id)
 
-    def create_generation(
-        self, account: str, idempotency_key: str | None, body: Any
-    ) -> tuple[dict[str, Any], bool]:
+    def create_generation(self, account: str, idempotency_key: str | None, body: Any) -> tuple[dict[str, Any], bool]:
         """(task, replayed). A known key with the same canonical body replays the original task; a 4xx
         leaves no trace of the key; otherwise the price is reserved and the task queued."""
         with self._lock:
@@ -163,10 +168,16 @@ class EmulatorState:
         started = now + self.config.queued_seconds
         will_fail = FAIL_MARKER in request.prompt or self._outcome_rng.random() < self.config.failure_rate
         task = Task(
-            id=task_id, account=account, model_id=request.model.id, params=request.params, price=price,
+            id=task_id,
+            account=account,
+            model_id=request.model.id,
+            params=request.params,
+            price=price,
             will_fail=will_fail,
             result_url=f"{self.config.result_url_base or self.media_base_url}/media/{task_id}.mp4",
-            created=now, started=started, finished=started + self.config.processing_seconds,
+            created=now,
+            started=started,
+            finished=started + self.config.processing_seconds,
             video_fault=None if will_fail else self._video_fault(request.prompt),
         )
         self._tasks[task_id] = task
@@ -177,7 +188,7 @@ class EmulatorState:
 
     def _video_fault(self, prompt: str) -> VideoFault | None:
         """A marker in the prompt (one brief, deterministically), else a `bad_video` rule firing for this create."""
-        marked = next((fault for fault in VIDEO_FAULTS if video_fault_marker(fault) in prompt), None)
+        marked: VideoFault | None = next((fault for fault in VIDEO_FAULTS if video_fault_marker(fault) in prompt), None)
         if marked is not None:
             return marked
         rule = self.faults.take("create_generation", kind="bad_video")

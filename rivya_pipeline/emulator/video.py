@@ -13,6 +13,8 @@ from typing import IO, Literal
 
 import av
 import numpy as np
+from av.audio.stream import AudioStream
+from av.container import OutputContainer
 
 from .config import VideoFault
 
@@ -101,10 +103,11 @@ def write_clip(
             frame = av.VideoFrame.from_ndarray(pixels, format="yuv420p")
             frame.pts = index
             container.mux(video.encode(frame))
-            if audio is not None:  # interleaved like a real file: the sound up to the end of this frame
+            # Interleaved like a real file: the sound up to the end of this frame.
+            if audio is not None and samples is not None:
                 written = _mux_audio(container, audio, samples, written, (index + 1) * AUDIO_RATE // fps)
         container.mux(video.encode())
-        if audio is not None:
+        if audio is not None and samples is not None:
             _mux_audio(container, audio, samples, written, len(samples))
             container.mux(audio.encode())
 
@@ -170,8 +173,8 @@ def _audio(sound: Sound, seconds: float) -> np.ndarray:
 
 
 def _mux_audio(
-    container: av.container.OutputContainer,
-    stream: av.audio.stream.AudioStream,
+    container: OutputContainer,
+    stream: AudioStream,
     samples: np.ndarray,
     start: int,
     end: int,

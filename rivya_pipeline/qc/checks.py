@@ -32,10 +32,10 @@ class CheckVerdict:
 def audio_matches(qc: QcMeasurements, *, sound_wanted: bool, thresholds: QcThresholds) -> CheckVerdict:
     """An audio stream exactly when sound was asked for, and then not silent (RMS over the whole track)."""
     metadata: dict[str, MetadataValue] = {"sound_wanted": sound_wanted, "audio_present": qc.audio_present}
-    if qc.audio_present:
+    if qc.audio_rms_dbfs is not None and qc.audio_peak_dbfs is not None:  # None exactly when no audio stream
         metadata |= {"audio_rms_dbfs": qc.audio_rms_dbfs, "audio_peak_dbfs": qc.audio_peak_dbfs}
     metadata |= thresholds.metadata("silence_max_dbfs")
-    if not qc.audio_present:
+    if qc.audio_rms_dbfs is None:
         passed = not sound_wanted
         measured = "no audio stream" + ("; sound was asked for" if sound_wanted else "")
     elif not sound_wanted:

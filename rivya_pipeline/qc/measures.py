@@ -85,7 +85,7 @@ class LumaMeter:
     def finish(self) -> None:
         """Close the stretches still open: they last until the clip ends."""
         if self._black_since is not None:
-            self._end_black(self.end_at)
+            self._end_black(self._black_since, self.end_at)
         if self._frozen_since_reference:
             self.longest_frozen = max(self.longest_frozen, self.end_at - self._reference_at)
 
@@ -94,10 +94,10 @@ class LumaMeter:
         if black and self._black_since is None:
             self._black_since = at
         elif not black and self._black_since is not None:
-            self._end_black(at)
+            self._end_black(self._black_since, at)
 
-    def _end_black(self, at: float) -> None:
-        length = at - self._black_since
+    def _end_black(self, since: float, at: float) -> None:
+        length = at - since
         self.longest_black = max(self.longest_black, length)
         self.black_total += length
         self._black_since = None
@@ -119,7 +119,11 @@ def luma_sample(frame: av.VideoFrame) -> tuple[np.ndarray, bool]:
     if frame.format.name not in _EIGHT_BIT_LUMA:  # 10-bit, RGB, packed YUV: rare enough to pay a conversion
         frame = frame.reformat(format="yuv420p")
     plane = frame.planes[0]
-    rows = np.frombuffer(plane, dtype=np.uint8, count=plane.height * plane.line_size)
+    rows = np.frombuffer(  # pyright: ignore[reportCallIssue]: PyAV's stub leaves out a plane's buffer protocol
+        plane,  # pyright: ignore[reportArgumentType]
+        dtype=np.uint8,
+        count=plane.height * plane.line_size,
+    )
     rows = rows.reshape(plane.height, plane.line_size)[:, : plane.width]
     step = max(1, plane.width // LUMA_SAMPLE_COLUMNS)
     full_range = frame.color_range == _JPEG_RANGE or frame.format.name.startswith("yuvj")
@@ -136,7 +140,7 @@ class AudioMeter:
         self.seconds = 0.0
 
     def add(self, frame: av.AudioFrame) -> None:
-        samples = frame.to_ndarray()
+        samples: np.ndarray = frame.to_ndarray()  # any sample format, told apart by dtype below
         if samples.dtype == np.uint8:  # FFmpeg's only unsigned sample format: silence is 128
             samples = samples.astype(np.float64) / 128 - 1
         elif np.issubdtype(samples.dtype, np.integer):

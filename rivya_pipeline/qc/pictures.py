@@ -55,8 +55,7 @@ class PictureTaker:
         span = max(declared_seconds, 0.0)
         tile_moments = [(index + 0.5) * span / SHEET_FRAMES for index in range(SHEET_FRAMES)]
         self._wanted = sorted([(span / 2, _POSTER)] + [(at, index) for index, at in enumerate(tile_moments)])
-        self._poster: tuple[Image.Image, float] | None = None
-        self._tiles: dict[int, tuple[Image.Image, float]] = {}
+        self._taken: dict[int, tuple[Image.Image, float]] = {}  # image and moment, by role (_POSTER or a tile)
         self._last: tuple[av.VideoFrame, float] | None = None
 
     def offer(self, frame: av.VideoFrame, at: float) -> None:
@@ -71,8 +70,8 @@ class PictureTaker:
         while self._wanted:
             self._take(self._wanted.pop(0)[1], *self._last)
         self._last = None
-        poster, poster_at = self._poster
-        tiles = [self._tiles[index] for index in sorted(self._tiles)]
+        poster, poster_at = self._taken.pop(_POSTER)
+        tiles = [self._taken[index] for index in sorted(self._taken)]
         return VideoPictures(
             poster=_picture(poster, (poster_at,), POSTER_THUMBNAIL_LONG_SIDE),
             sheet=_picture(_sheet(tiles), tuple(at for _, at in tiles), SHEET_THUMBNAIL_LONG_SIDE),
@@ -82,10 +81,7 @@ class PictureTaker:
         long_side = POSTER_LONG_SIDE if role == _POSTER else TILE_LONG_SIDE
         width, height = fitted(frame.width, frame.height, long_side)
         image = frame.to_image(width=width, height=height, interpolation="AREA")
-        if role == _POSTER:
-            self._poster = (image, at)
-        else:
-            self._tiles[role] = (image, at)
+        self._taken[role] = (image, at)
 
 
 def fitted(width: int, height: int, long_side: int) -> tuple[int, int]:
