@@ -280,9 +280,7 @@ def make_s3_client(
         options["request_checksum_calculation"] = "when_required"
         options["response_checksum_validation"] = "when_required"
     # A session of its own: boto3's default session is not safe to create clients from in parallel.
-    return boto3.Session().client(
-        "s3", endpoint_url=endpoint_url, region_name=region, config=Config(**options)
-    )
+    return boto3.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=Config(**options))
 
 
 @functools.lru_cache(maxsize=8)

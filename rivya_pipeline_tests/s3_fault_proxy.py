@@ -30,8 +30,17 @@ from rivya_pipeline.emulator.serving import BackgroundServers, bind, url_of
 # Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never forwarded. `expect` neither: httpx
 # does not do the "100 Continue" handshake, it streams the body on at once.
 _HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-     "transfer-encoding", "upgrade", "expect"}
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "expect",
+    }
 )
 _FAULTS = (
     (500, "InternalError", "We encountered an internal error. Please try again."),

@@ -33,9 +33,15 @@ from rivya_pipeline_tests.s3_fault_proxy import S3FaultProxy
 
 SEED = 20260511
 SUBJECTS = [
-    "a lighthouse on a basalt cliff", "a paper boat on a rain gutter", "a fox crossing a snowy field",
-    "a vintage tram climbing a hill", "a hummingbird at a red flower", "a potter shaping a clay bowl",
-    "a kite over sand dunes", "a koi pond under falling leaves", "a night market with lanterns",
+    "a lighthouse on a basalt cliff",
+    "a paper boat on a rain gutter",
+    "a fox crossing a snowy field",
+    "a vintage tram climbing a hill",
+    "a hummingbird at a red flower",
+    "a potter shaping a clay bowl",
+    "a kite over sand dunes",
+    "a koi pond under falling leaves",
+    "a night market with lanterns",
     "a glacier calving into the sea",
 ]
 TREATMENTS = ["in golden-hour light", "as a slow dolly shot", "in soft overcast light", "from a high drone angle"]
@@ -213,9 +219,7 @@ def test_chaos_every_success_stored_once_and_the_wallet_charged_only_for_success
     assert sum(s3_fault_proxy.injected().values()) > s3_fault_proxy.injected()["UploadPart"]
 
 
-def test_create_answered_with_an_already_failed_task_is_reported_with_its_code_and_refund(
-    pipeline, configure_emulator
-):
+def test_create_answered_with_an_already_failed_task_is_reported_with_its_code_and_refund(pipeline, configure_emulator):
     """A replayed create can return a task that has already ended; nothing polls a terminal task afterwards."""
     emulator = configure_emulator(queued_seconds=0, processing_seconds=0)  # over the moment it is created
     pipeline.write_brief("doomed.yaml", f'id: doomed-now\nprompt: "A vase falling {FAIL_MARKER}"\n')

@@ -124,13 +124,15 @@ def wait_until_terminal(client: RivyaClient, task_id: str, timeout_seconds: floa
 @pytest.fixture
 def accounts(configure_emulator: Callable[..., RivyaEmulator]) -> RivyaEmulator:
     """The test key plus a revoked, an expired, a read-only key and a second account."""
-    return configure_emulator(api_keys=[
-        ApiKeyConfig(key=TEST_API_KEY),
-        ApiKeyConfig(key=REVOKED_KEY, status="revoked"),
-        ApiKeyConfig(key=EXPIRED_KEY, status="expired"),
-        ApiKeyConfig(key=READ_ONLY_KEY, scopes=["generations:read"]),
-        ApiKeyConfig(key=OTHER_ACCOUNT_KEY, account="acct_other"),
-    ])
+    return configure_emulator(
+        api_keys=[
+            ApiKeyConfig(key=TEST_API_KEY),
+            ApiKeyConfig(key=REVOKED_KEY, status="revoked"),
+            ApiKeyConfig(key=EXPIRED_KEY, status="expired"),
+            ApiKeyConfig(key=READ_ONLY_KEY, scopes=["generations:read"]),
+            ApiKeyConfig(key=OTHER_ACCOUNT_KEY, account="acct_other"),
+        ]
+    )
 
 
 @pytest.fixture
@@ -140,6 +142,7 @@ def client(emulator: RivyaEmulator) -> Iterator[RivyaClient]:
 
 
 # --- 1. every error code to its typed exception ---------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ErrorCase:
@@ -160,34 +163,60 @@ def faulting(**rule: Any) -> Callable[[RivyaEmulator, RivyaClient], None]:
 
 
 ERROR_CASES = [
-    ErrorCase("validation_failed", ValidationFailed, 400,
-              call=lambda client: client.create_generation(UNSTRINGED_BODY, idempotency_key="raw-body")),
+    ErrorCase(
+        "validation_failed",
+        ValidationFailed,
+        400,
+        call=lambda client: client.create_generation(UNSTRINGED_BODY, idempotency_key="raw-body"),
+    ),
     ErrorCase("api_key_invalid", ApiKeyInvalid, 401, key="rvya_sk_nobody"),
     ErrorCase("api_key_revoked", ApiKeyRevoked, 401, key=REVOKED_KEY),
     ErrorCase("api_key_expired", ApiKeyExpired, 401, key=EXPIRED_KEY),
     ErrorCase("api_scope_denied", ScopeDenied, 403, key=READ_ONLY_KEY),
     ErrorCase("not_found", NotFound, 404, call=lambda client: client.get_generation("task_does_not_exist")),
-    ErrorCase("idempotency_conflict", IdempotencyConflict, 409,
-              arrange=lambda emulator, client: create_text_only(client),
-              call=lambda client: create_text_only(client, CHANGED_PROMPT, key=TEXT_ONLY.idempotency_key())),
-    ErrorCase("insufficient_credits", InsufficientCredits, 402,
-              arrange=lambda emulator, client: emulator.set_credits(TEST_ACCOUNT, KLING_PRICE - 1),
-              call=create_text_only),
+    ErrorCase(
+        "idempotency_conflict",
+        IdempotencyConflict,
+        409,
+        arrange=lambda emulator, client: create_text_only(client),
+        call=lambda client: create_text_only(client, CHANGED_PROMPT, key=TEXT_ONLY.idempotency_key()),
+    ),
+    ErrorCase(
+        "insufficient_credits",
+        InsufficientCredits,
+        402,
+        arrange=lambda emulator, client: emulator.set_credits(TEST_ACCOUNT, KLING_PRICE - 1),
+        call=create_text_only,
+    ),
     ErrorCase("rate_limited", RateLimited, 429, retryable=True, arrange=faulting(kind="rate_limited", retry_after=0)),
-    ErrorCase("public_api_disabled", PublicApiDisabled, 503, retryable=True,
-              arrange=faulting(kind="public_api_disabled")),
+    ErrorCase(
+        "public_api_disabled", PublicApiDisabled, 503, retryable=True, arrange=faulting(kind="public_api_disabled")
+    ),
     ErrorCase("internal_error", ServerError, 500, retryable=True, arrange=faulting(kind="internal_error")),
-    ErrorCase("upstream_unavailable", UnknownApiError, 503, retryable=True,
-              arrange=faulting(kind="server_error", status=503, body="envelope")),
-    ErrorCase("http_502", ServerError, 502, retryable=True, arrange=faulting(kind="server_error", body="html"),
-              enveloped=False),
+    ErrorCase(
+        "upstream_unavailable",
+        UnknownApiError,
+        503,
+        retryable=True,
+        arrange=faulting(kind="server_error", status=503, body="envelope"),
+    ),
+    ErrorCase(
+        "http_502",
+        ServerError,
+        502,
+        retryable=True,
+        arrange=faulting(kind="server_error", body="html"),
+        enveloped=False,
+    ),
 ]
 
 
 @pytest.mark.parametrize("case", [pytest.param(case, id=case.code) for case in ERROR_CASES])
 def test_error_code_maps_to_its_typed_exception(accounts: RivyaEmulator, case: ErrorCase) -> None:
-    with RivyaClient(TEST_API_KEY, accounts.base_url, retry=NO_RETRY) as owner, \
-            RivyaClient(case.key, accounts.base_url, retry=NO_RETRY) as caller:
+    with (
+        RivyaClient(TEST_API_KEY, accounts.base_url, retry=NO_RETRY) as owner,
+        RivyaClient(case.key, accounts.base_url, retry=NO_RETRY) as caller,
+    ):
         case.arrange(accounts, owner)
         error = raised(case.error, lambda: case.call(caller))
     assert (error.code, error.status, error.retryable) == (case.code, case.status, case.retryable)
@@ -219,6 +248,7 @@ def test_another_accounts_task_and_file_are_not_found(accounts: RivyaEmulator, c
 
 # --- 2. Retry-After -----------------------------------------------------------------------------------------
 
+
 def test_retry_after_is_waited_before_the_retry(emulator: RivyaEmulator, client: RivyaClient) -> None:
     emulator.set_faults([FaultRule(endpoint="credits", kind="rate_limited", times=1, retry_after=1)])
     started = time.monotonic()
@@ -239,15 +269,21 @@ def test_retry_after_is_capped_by_the_policy(emulator: RivyaEmulator) -> None:
 
 # --- 3./4. paid creates never cost twice --------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("fault", "replays"),
     [
-        pytest.param(FaultRule(endpoint="create_generation", kind="lost_response", times=1), 1,
-                     id="performed-answer-lost-as-500"),
-        pytest.param(FaultRule(endpoint="create_generation", kind="lost_response", times=1, lost_as="drop_connection"),
-                     1, id="performed-answer-lost-as-dropped-connection"),
-        pytest.param(FaultRule(endpoint="create_generation", kind="drop_connection", times=1), 0,
-                     id="dropped-before-performing"),
+        pytest.param(
+            FaultRule(endpoint="create_generation", kind="lost_response", times=1), 1, id="performed-answer-lost-as-500"
+        ),
+        pytest.param(
+            FaultRule(endpoint="create_generation", kind="lost_response", times=1, lost_as="drop_connection"),
+            1,
+            id="performed-answer-lost-as-dropped-connection",
+        ),
+        pytest.param(
+            FaultRule(endpoint="create_generation", kind="drop_connection", times=1), 0, id="dropped-before-performing"
+        ),
     ],
 )
 def test_create_retried_after_a_lost_answer_charges_once(
@@ -277,10 +313,13 @@ def test_idempotency_conflict_is_raised_and_not_retried(emulator: RivyaEmulator,
 
 # --- 5./6./7. what is retried, and how far --------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("case", [pytest.param(case, id=case.code) for case in ERROR_CASES if not case.retryable])
 def test_errors_that_retrying_cannot_change_are_sent_once(accounts: RivyaEmulator, case: ErrorCase) -> None:
-    with RivyaClient(TEST_API_KEY, accounts.base_url, retry=FAST_RETRY) as owner, \
-            RivyaClient(case.key, accounts.base_url, retry=FAST_RETRY) as caller:
+    with (
+        RivyaClient(TEST_API_KEY, accounts.base_url, retry=FAST_RETRY) as owner,
+        RivyaClient(case.key, accounts.base_url, retry=FAST_RETRY) as caller,
+    ):
         case.arrange(accounts, owner)
         before = total_requests(accounts)
         raised(case.error, lambda: case.call(caller))
@@ -347,6 +386,7 @@ def test_unknown_code_on_a_4xx_is_raised_without_retry(canned_api: CannedApi) ->
 
 # --- 8. the key stays secret --------------------------------------------------------------------------------
 
+
 def test_client_repr_and_logs_never_show_the_key(
     emulator: RivyaEmulator, client: RivyaClient, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -368,7 +408,7 @@ def test_key_that_cannot_be_sent_as_a_header_is_refused_at_construction(bad_key:
 
 
 def test_result_download_sends_no_authorization_to_the_media_host(
-    configure_emulator: Callable[..., RivyaEmulator]
+    configure_emulator: Callable[..., RivyaEmulator],
 ) -> None:
     """The fetcher owns a key-less pool; and even the client's own pool keeps the key to the API's origin."""
     emulator = configure_emulator(queued_seconds=0, processing_seconds=0)
@@ -387,6 +427,7 @@ def test_result_download_sends_no_authorization_to_the_media_host(
 
 
 # --- 9. local validation: refused before any request ----------------------------------------------------------
+
 
 def text_file_named_png(tmp_path: Path) -> list[Path]:
     path = tmp_path / "notes.png"
@@ -435,8 +476,12 @@ def no_files(tmp_path: Path) -> list[Path]:
     ],
 )
 def test_invalid_request_is_refused_before_any_request(
-    emulator: RivyaEmulator, client: RivyaClient, tmp_path: Path,
-    build: dict[str, Any], references: Callable[[Path], list[Path]], field: str,
+    emulator: RivyaEmulator,
+    client: RivyaClient,
+    tmp_path: Path,
+    build: dict[str, Any],
+    references: Callable[[Path], list[Path]],
+    field: str,
 ) -> None:
     arguments = {"prompt": "a red fox running through fresh snow"} | build
     reference_paths = references(tmp_path)
@@ -455,6 +500,7 @@ def test_prompt_limit_counts_characters_not_bytes(emulator: RivyaEmulator, clien
 
 # --- 10. happy path -------------------------------------------------------------------------------------------
 
+
 def test_image_to_video_end_to_end(configure_emulator: Callable[..., RivyaEmulator]) -> None:
     emulator = configure_emulator(time_scale=5)
     request = GenerationRequest.build(
@@ -466,14 +512,19 @@ def test_image_to_video_end_to_end(configure_emulator: Callable[..., RivyaEmulat
         kling = rivya.get_model("kling-3-0")
         assert kling is not None and kling.base_credits == KLING_PRICE
         assert request.params == {
-            "mode": "std", "multi_shots": "false", "duration": "3", "sound": "false", "aspect_ratio": "9:16"
+            "mode": "std",
+            "multi_shots": "false",
+            "duration": "3",
+            "sound": "false",
+            "aspect_ratio": "9:16",
         }
         upload = rivya.upload_file(REPO_PNG, kind="image", mime_type="image/png", model="kling-3-0")
         assert isinstance(upload, FileObject) and upload.id.startswith("file_")
         assert (upload.kind, upload.mime_type, upload.size_bytes) == ("image", "image/png", REPO_PNG.stat().st_size)
         assert rivya.get_file(upload.id) == upload
-        created = rivya.create_generation(request.api_body([upload], "brief-42"),
-                                          idempotency_key=request.idempotency_key())
+        created = rivya.create_generation(
+            request.api_body([upload], "brief-42"), idempotency_key=request.idempotency_key()
+        )
         assert (created.status, created.reserved_credits, created.final_credits) == ("queued", KLING_PRICE, 0)
         assert rivya.get_credits() == TEST_CREDITS - KLING_PRICE
         finished = wait_until_terminal(rivya, created.id)
@@ -484,6 +535,7 @@ def test_image_to_video_end_to_end(configure_emulator: Callable[..., RivyaEmulat
 
 
 # --- 11. tolerance: any 2xx, unknown fields -------------------------------------------------------------------
+
 
 class CannedApi:
     """A stand-in API on 127.0.0.1 that answers every request with one canned (status, JSON body): what a later
@@ -531,11 +583,21 @@ def canned_api() -> Iterator[CannedApi]:
 
 
 def test_any_2xx_and_unknown_fields_are_accepted(canned_api: CannedApi) -> None:
-    canned_api.answer(200, {
-        "id": "task_1", "status": "queued", "model": "kling-3-0", "reserved_credits": 90, "final_credits": 0,
-        "created_at": "2026-05-11T00:00:00.000Z", "updated_at": "2026-05-11T00:00:00.000Z",
-        "result": None, "error": None, "queue_position": 3,
-    })
+    canned_api.answer(
+        200,
+        {
+            "id": "task_1",
+            "status": "queued",
+            "model": "kling-3-0",
+            "reserved_credits": 90,
+            "final_credits": 0,
+            "created_at": "2026-05-11T00:00:00.000Z",
+            "updated_at": "2026-05-11T00:00:00.000Z",
+            "result": None,
+            "error": None,
+            "queue_position": 3,
+        },
+    )
     with RivyaClient(TEST_API_KEY, canned_api.base_url, retry=NO_RETRY) as rivya:
         task = create_text_only(rivya)
     assert (task.id, task.status, task.reserved_credits) == ("task_1", "queued", 90)

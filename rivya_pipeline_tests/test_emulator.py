@@ -58,8 +58,9 @@ def create(api: httpx.Client, body: Any = None, key: str | None = "key-1") -> ht
     return api.post("/api/v1/generations", json=body or {"model": "kling-3-0", "prompt": "a cat"}, headers=headers)
 
 
-def upload(api: httpx.Client, content: bytes = PNG, name: str = "ref.png", kind: str = "image",
-           **fields: str) -> httpx.Response:
+def upload(
+    api: httpx.Client, content: bytes = PNG, name: str = "ref.png", kind: str = "image", **fields: str
+) -> httpx.Response:
     files = {"file": (name, content, "image/png")}
     return api.post("/api/v1/files", files=files, data={"kind": kind} | fields)
 
@@ -90,6 +91,7 @@ def probe(content: bytes) -> tuple[float, int, int]:
 
 # --- catalog, auth, ownership -------------------------------------------------------------------------
 
+
 def test_models_are_public_and_kling_matches_the_contract(emulator: RivyaEmulator) -> None:
     response = httpx.get(f"{emulator.base_url}/api/v1/models")
     assert response.status_code == 200 and response.json()["object"] == "list"
@@ -99,11 +101,17 @@ def test_models_are_public_and_kling_matches_the_contract(emulator: RivyaEmulato
     assert kling["category"] == "video" and kling["api_status"] == "available" and kling["requires_files_api"]
     params = {param["key"]: param for param in kling["params"]}
     assert {key: params[key]["default"] for key in params} == {
-        "mode": "pro", "multi_shots": "false", "duration": "5", "sound": "false", "aspect_ratio": "16:9"
+        "mode": "pro",
+        "multi_shots": "false",
+        "duration": "5",
+        "sound": "false",
+        "aspect_ratio": "16:9",
     }
     assert params["duration"]["options"] == [str(seconds) for seconds in range(3, 16)]
-    assert all(param["type"] == "select" and set(param) >= {"required", "options", "min", "max", "step"}
-               for param in params.values())
+    assert all(
+        param["type"] == "select" and set(param) >= {"required", "options", "min", "max", "step"}
+        for param in params.values()
+    )
     assert "aspectRatio" in {param["key"] for param in models["veo3-1-fast"]["params"]}
     assert models["veo3-1-fast"]["base_credits"] != 90
     assert models["sora-2"]["api_status"] == "coming_soon"
@@ -121,11 +129,13 @@ def test_models_are_public_and_kling_matches_the_contract(emulator: RivyaEmulato
     ],
 )
 def test_auth_errors(configure_emulator: Any, headers: dict[str, str], expected: str) -> None:
-    emulator = configure_emulator(api_keys=[
-        ApiKeyConfig(key=TEST_API_KEY),
-        ApiKeyConfig(key="rvya_sk_revoked", status="revoked"),
-        ApiKeyConfig(key="rvya_sk_expired", status="expired"),
-    ])
+    emulator = configure_emulator(
+        api_keys=[
+            ApiKeyConfig(key=TEST_API_KEY),
+            ApiKeyConfig(key="rvya_sk_revoked", status="revoked"),
+            ApiKeyConfig(key="rvya_sk_expired", status="expired"),
+        ]
+    )
     assert error_code(httpx.get(f"{emulator.base_url}/api/v1/credits", headers=headers), 401) == expected
 
 
@@ -148,6 +158,7 @@ def test_another_accounts_task_and_file_are_not_found(configure_emulator: Any, a
 
 
 # --- strict request rules -----------------------------------------------------------------------------
+
 
 def kling(**params: Any) -> dict[str, Any]:
     return {"model": "kling-3-0", "prompt": "a cat", "params": params}
@@ -204,6 +215,7 @@ def test_body_must_be_json(api: httpx.Client) -> None:
 
 
 # --- files ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("codec", "pix_fmt", "mime_type"),
@@ -262,6 +274,7 @@ def test_image_size_limit_is_ten_million_bytes(api: httpx.Client) -> None:
 
 # --- reference media -----------------------------------------------------------------------------------
 
+
 def reference(stored: dict[str, Any], **overrides: Any) -> dict[str, Any]:
     return {"url": stored["url"], "kind": "image", "name": stored["name"], "mimeType": stored["mime_type"]} | overrides
 
@@ -292,6 +305,7 @@ def test_invalid_references_are_rejected(configure_emulator: Any, api: httpx.Cli
 
 
 # --- idempotency ---------------------------------------------------------------------------------------
+
 
 def test_same_key_same_body_returns_the_original_task_without_charge(
     api: httpx.Client, emulator: RivyaEmulator
@@ -343,6 +357,7 @@ def test_creates_without_key_are_allowed_and_counted(api: httpx.Client, emulator
 
 
 # --- wallet and lifecycle ------------------------------------------------------------------------------
+
 
 def test_success_keeps_the_reservation_as_final_credits(configure_emulator: Any, api: httpx.Client) -> None:
     emulator = configure_emulator(queued_seconds=0.3, processing_seconds=0.8)
@@ -405,6 +420,7 @@ def test_insufficient_credits_and_concurrent_creates_never_overdraw(api: httpx.C
 
 # --- result media --------------------------------------------------------------------------------------
 
+
 def finished_video_url(api: httpx.Client, body: dict[str, Any] | None = None) -> str:
     task = wait_terminal(api, create(api, body).json()["id"])
     assert task["status"] == "succeeded"
@@ -417,8 +433,12 @@ def finished_video_url(api: httpx.Client, body: dict[str, Any] | None = None) ->
         pytest.param(None, 5, (1280, 720), id="kling-defaults"),
         pytest.param(kling(duration="3", aspect_ratio="9:16"), 3, (720, 1280), id="kling-3s-portrait"),
         pytest.param(kling(duration="7", aspect_ratio="1:1", mode="std"), 7, (480, 480), id="kling-7s-square-std"),
-        pytest.param({"model": "veo3-1-fast", "prompt": "a cat", "params": {"aspectRatio": "9:16", "duration": "4"}},
-                     4, (480, 854), id="veo-param-names"),
+        pytest.param(
+            {"model": "veo3-1-fast", "prompt": "a cat", "params": {"aspectRatio": "9:16", "duration": "4"}},
+            4,
+            (480, 854),
+            id="veo-param-names",
+        ),
     ],
 )
 def test_result_is_a_real_mp4_of_the_requested_shape(
@@ -470,6 +490,7 @@ def test_media_host_can_accept_authorization_or_redirect(configure_emulator: Any
 
 # --- faults --------------------------------------------------------------------------------------------
 
+
 def test_rate_limited_sends_retry_after_then_recovers(api: httpx.Client, emulator: RivyaEmulator) -> None:
     emulator.set_faults([FaultRule(endpoint="create_generation", kind="rate_limited", times=2, retry_after=3)])
     for _ in range(2):
@@ -496,8 +517,12 @@ def test_enveloped_server_faults(
 
 
 def test_server_error_as_a_proxy_would_send_it(api: httpx.Client, emulator: RivyaEmulator) -> None:
-    emulator.set_faults([FaultRule(endpoint="get_generation", kind="server_error", times=1),
-                         FaultRule(endpoint="get_generation", kind="server_error", status=504, body="empty")])
+    emulator.set_faults(
+        [
+            FaultRule(endpoint="get_generation", kind="server_error", times=1),
+            FaultRule(endpoint="get_generation", kind="server_error", status=504, body="empty"),
+        ]
+    )
     html = api.get("/api/v1/generations/task_x")
     assert html.status_code == 502 and html.headers["content-type"].startswith("text/html")
     assert "Bad Gateway" in html.text
@@ -553,9 +578,7 @@ def test_stalled_lost_response_is_charged_while_the_client_still_waits(
     assert len(emulator.stats()["charges"]) == 1
 
 
-def test_trickle_paces_one_media_body_and_served_bytes_are_counted(
-    configure_emulator: Any, api: httpx.Client
-) -> None:
+def test_trickle_paces_one_media_body_and_served_bytes_are_counted(configure_emulator: Any, api: httpx.Client) -> None:
     emulator = configure_emulator(queued_seconds=0, processing_seconds=0, result_min_bytes=1_000_000)
     url = finished_video_url(api, kling(duration="3"))
     emulator.set_faults([FaultRule(endpoint="media", kind="trickle", bytes_per_second=2_000_000, times=1)])
@@ -601,6 +624,7 @@ def test_lost_response_is_only_for_creates() -> None:
 
 # --- control endpoints and CLI -------------------------------------------------------------------------
 
+
 @pytest.fixture
 def control(emulator: RivyaEmulator) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=f"{emulator.base_url}/_emulator") as client:
@@ -639,7 +663,8 @@ def test_cli_serves_until_sigterm() -> None:
     code = "import sys; from rivya_pipeline.emulator.cli import serve; sys.exit(serve(sys.argv[1:]))"
     with subprocess.Popen(
         [sys.executable, "-c", code, "--port", "0", "--media-port", "0", "--credits", "77"],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     ) as process:
         try:
             api_url = process.stdout.readline().split()[-1]

@@ -176,8 +176,7 @@ def test_console_url_points_at_the_custom_endpoint_or_the_aws_console(store, s3_
 
     on_aws = VideoStore(client, bucket, "videos").write_sidecar("brief-a", "task_1", {})
     assert on_aws.console_url == (
-        f"https://s3.console.aws.amazon.com/s3/object/{bucket}"
-        "?region=us-east-1&prefix=videos%2Fbrief-a%2Ftask_1.json"
+        f"https://s3.console.aws.amazon.com/s3/object/{bucket}?region=us-east-1&prefix=videos%2Fbrief-a%2Ftask_1.json"
     )
 
 

@@ -97,4 +97,3 @@ def run(stack: BenchStack, quick: bool, mebibytes: int | None = None) -> BenchRe
         bounds="loopback and CPU: every byte crosses three processes (media host, this one, moto), is hashed twice "
         "(on the way in, and read back from S3 to check), and copied to disk for the probe",
     )
-

@@ -34,9 +34,14 @@ class ParamSpec:
 
     def public(self) -> dict[str, Any]:
         return {
-            "key": self.key, "type": self.type, "required": self.required, "default": self.default,
+            "key": self.key,
+            "type": self.type,
+            "required": self.required,
+            "default": self.default,
             "options": list(self.options) if self.options is not None else None,
-            "min": self.min, "max": self.max, "step": self.step,
+            "min": self.min,
+            "max": self.max,
+            "step": self.step,
         }
 
 
@@ -69,20 +74,31 @@ class ModelSpec:
 
     def public(self) -> dict[str, Any]:
         return {
-            "id": self.id, "display_name": self.display_name, "category": self.category,
-            "runtime": "async", "base_credits": self.base_credits, "billing_type": "FIXED",
+            "id": self.id,
+            "display_name": self.display_name,
+            "category": self.category,
+            "runtime": "async",
+            "base_credits": self.base_credits,
+            "billing_type": "FIXED",
             "supported_modes": ["text-to-video", "image-to-video"],
             "max_prompt_length": self.max_prompt_length,
             "reference_media": {
-                "param": REFERENCE_ITEMS_PARAM, "max_items": self.max_reference_items,
-                "kinds": list(self.reference_kinds), "max_bytes": UPLOAD_RULES["image"][0],
+                "param": REFERENCE_ITEMS_PARAM,
+                "max_items": self.max_reference_items,
+                "kinds": list(self.reference_kinds),
+                "max_bytes": UPLOAD_RULES["image"][0],
                 "mime_types": list(IMAGE_MIME_TYPES),
             },
             "params": [spec.public() for spec in self.params],
-            "api_status": self.api_status, "api_input_status": self.api_status,
-            "supported_api_inputs": ["text", "file"], "requires_files_api": True,
-            "requires_upload_for_modes": ["image-to-video"], "url_input_supported": False,
-            "file_kinds": list(self.reference_kinds), "chat_capabilities": None, "notices": list(self.notices),
+            "api_status": self.api_status,
+            "api_input_status": self.api_status,
+            "supported_api_inputs": ["text", "file"],
+            "requires_files_api": True,
+            "requires_upload_for_modes": ["image-to-video"],
+            "url_input_supported": False,
+            "file_kinds": list(self.reference_kinds),
+            "chat_capabilities": None,
+            "notices": list(self.notices),
         }
 
 
@@ -95,8 +111,14 @@ CATALOG: dict[str, ModelSpec] = {
     spec.id: spec
     for spec in (
         ModelSpec(
-            id="kling-3-0", display_name="Kling 3.0", base_credits=90, max_prompt_length=2000,
-            duration_param="duration", aspect_param="aspect_ratio", mode_param="mode", sound_param="sound",
+            id="kling-3-0",
+            display_name="Kling 3.0",
+            base_credits=90,
+            max_prompt_length=2000,
+            duration_param="duration",
+            aspect_param="aspect_ratio",
+            mode_param="mode",
+            sound_param="sound",
             params=(
                 _select("mode", "pro", ["std", "pro"]),
                 _select("multi_shots", "false", _FLAGS),
@@ -106,8 +128,14 @@ CATALOG: dict[str, ModelSpec] = {
             ),
         ),
         ModelSpec(
-            id="veo3-1-fast", display_name="Veo 3.1 Fast", base_credits=60, max_prompt_length=1000,
-            duration_param="duration", aspect_param="aspectRatio", sound_param="generateAudio", max_reference_items=3,
+            id="veo3-1-fast",
+            display_name="Veo 3.1 Fast",
+            base_credits=60,
+            max_prompt_length=1000,
+            duration_param="duration",
+            aspect_param="aspectRatio",
+            sound_param="generateAudio",
+            max_reference_items=3,
             params=(
                 _select("aspectRatio", "16:9", ["16:9", "9:16"]),
                 _select("duration", "8", ["4", "6", "8"]),
@@ -116,8 +144,13 @@ CATALOG: dict[str, ModelSpec] = {
             ),
         ),
         ModelSpec(
-            id="sora-2", display_name="Sora 2", base_credits=150, max_prompt_length=2000,
-            duration_param="seconds", aspect_param="aspect_ratio", api_status="coming_soon",
+            id="sora-2",
+            display_name="Sora 2",
+            base_credits=150,
+            max_prompt_length=2000,
+            duration_param="seconds",
+            aspect_param="aspect_ratio",
+            api_status="coming_soon",
             notices=("Not yet available through the public API.",),
             params=(
                 _select("seconds", "8", ["4", "8", "12"]),

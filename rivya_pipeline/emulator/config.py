@@ -37,8 +37,15 @@ FaultEndpoint = Literal[
     "*", "models", "upload_file", "get_file", "create_generation", "get_generation", "credits", "media"
 ]
 FaultKind = Literal[
-    "rate_limited", "server_error", "internal_error", "public_api_disabled", "drop_connection", "slow",
-    "lost_response", "trickle", "bad_video",
+    "rate_limited",
+    "server_error",
+    "internal_error",
+    "public_api_disabled",
+    "drop_connection",
+    "slow",
+    "lost_response",
+    "trickle",
+    "bad_video",
 ]
 
 

@@ -117,9 +117,7 @@ def _server_error(rule: FaultRule) -> Response:
     if rule.body == "html":
         return HTMLResponse(_PROXY_502_PAGE.format(status=rule.status), status_code=rule.status)
     if rule.body == "envelope":
-        return error_response(
-            "upstream_unavailable", "The upstream service did not answer.", status=rule.status
-        )
+        return error_response("upstream_unavailable", "The upstream service did not answer.", status=rule.status)
     return Response(b"", status_code=rule.status)
 
 

@@ -42,9 +42,15 @@ class StoredFile:
 
     def public(self) -> dict[str, Any]:
         return {
-            "id": self.id, "object": "file", "kind": self.kind, "url": self.url, "name": self.name,
-            "mime_type": self.mime_type, "size_bytes": len(self.content),
-            "duration_seconds": self.duration_seconds, "duration_token": self.duration_token,
+            "id": self.id,
+            "object": "file",
+            "kind": self.kind,
+            "url": self.url,
+            "name": self.name,
+            "mime_type": self.mime_type,
+            "size_bytes": len(self.content),
+            "duration_seconds": self.duration_seconds,
+            "duration_token": self.duration_token,
             "created_at": self.created_at,
         }
 
@@ -77,12 +83,17 @@ class Task:
         changed = {"queued": self.created, "processing": self.started}.get(status, self.finished)
         succeeded = status == "succeeded"
         return {
-            "id": self.id, "status": status, "model": self.model_id,
-            "reserved_credits": self.price, "final_credits": self.price if succeeded else 0,
-            "created_at": clock.wall(self.created), "updated_at": clock.wall(changed),
+            "id": self.id,
+            "status": status,
+            "model": self.model_id,
+            "reserved_credits": self.price,
+            "final_credits": self.price if succeeded else 0,
+            "created_at": clock.wall(self.created),
+            "updated_at": clock.wall(changed),
             "result": {"primary_url": self.result_url, "urls": [self.result_url]} if succeeded else None,
             "error": (
                 {"code": "generation_failed", "message": "The model could not generate this video."}
-                if status == "failed" else None
+                if status == "failed"
+                else None
             ),
         }

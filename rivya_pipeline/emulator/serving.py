@@ -54,7 +54,11 @@ class BackgroundServers:
             (
                 uvicorn.Server(
                     uvicorn.Config(
-                        app, log_config=None, log_level=log_level, access_log=False, lifespan="off",
+                        app,
+                        log_config=None,
+                        log_level=log_level,
+                        access_log=False,
+                        lifespan="off",
                         timeout_graceful_shutdown=2,
                     )
                 ),
