@@ -17,6 +17,7 @@ from ..rivya import GenerationTask, RivyaClient
 # A valid kling-3-0 request; each create gets its own Idempotency-Key, so each is a new task.
 TASK_BODY = {"model": "kling-3-0", "prompt": "A paper boat on a pond.", "params": {"duration": "5"}}
 CREATE_THREADS = 32
+Figure = float | int | bool | str
 
 
 @dataclass
@@ -24,7 +25,7 @@ class BenchResult:
     """One benchmark's figures (the JSON keys), what it ran, and each goal with whether this run met it."""
 
     name: str
-    figures: dict[str, float | int | bool]
+    figures: dict[str, Figure]
     setup: str
     goals: list[tuple[str, bool]] = field(default_factory=list)
     bounds: str = ""
