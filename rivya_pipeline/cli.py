@@ -1,6 +1,8 @@
 """`rivya-pipeline`: run, demo, dev, emulator and report.
 
 Exit codes of `run`: 0 every brief stored, 1 any failed or timed out, 2 invalid input (nothing spent).
+A stored video that failed a QC check is still stored (exit 0): `run` and `report` list it under their tables,
+and their JSON carries it as `qc_failures`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .briefs import Brief, BriefErrors, load_briefs
 from .settings import REPO_ROOT, Settings, SettingsError
 
 if TYPE_CHECKING:
+    from .defs.video_qc import QcFailure
     from .embedded import EmbeddedStack
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
@@ -33,9 +36,10 @@ def _dagster_home() -> Path:
     home = Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster_home").resolve()
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
-    if not config.exists():  # Dagster's defaults (SQLite in this folder), no telemetry banner, and a limit
-        # for the `rivya_api` pool so that paid submits do not stampede (deploy/dagster.yaml for production).
-        config.write_text("telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 4\n")
+    if not config.exists():
+        from .instance_setup import DEFAULT_CONFIG, write_atomically
+
+        write_atomically(config, DEFAULT_CONFIG)
     os.environ["DAGSTER_HOME"] = str(home)
     return home
 
@@ -49,6 +53,18 @@ def _print_table(rows: list[dict[str, object]], columns: Sequence[str]) -> None:
     print("  ".join(c.ljust(widths[c]) for c in columns))
     for row in rows:
         print("  ".join(_cell(row.get(c)).ljust(widths[c]) for c in columns))
+
+
+def _print_qc_failures(failures: list[QcFailure]) -> None:
+    """Under a command's table: the stored videos that failed QC, what was measured, and what to do about it."""
+    if not failures:
+        return
+    videos = len({failure.brief_id for failure in failures})
+    print(
+        f"\n{len(failures)} QC check(s) failed on {videos} stored video(s). They are kept and paid for; "
+        "bump `regenerate` in a brief to pay for a new video."
+    )
+    _print_table([asdict(failure) for failure in failures], ["brief_id", "check", "severity", "measured"])
 
 
 def _load(requests: Path) -> list[Brief] | None:
@@ -82,14 +98,13 @@ def _dry_run(briefs: list[Brief], as_json: bool) -> int:
 
 
 def _execute(briefs: list[Brief], requests: Path, timeout: float, as_json: bool) -> int:
-    from dagster import DagsterInstance
-
     from .headless import HeadlessRun
+    from .instance_setup import open_instance
 
-    _dagster_home()
+    home = _dagster_home()
     # The runs read each brief again from the folder the briefs were loaded from, whatever RIVYA_REQUESTS_PATH says.
     settings = replace(Settings.from_env(), requests_path=requests.resolve())
-    outcomes = HeadlessRun(settings=settings, instance=DagsterInstance.get()).run(briefs, timeout)
+    outcomes = HeadlessRun(settings=settings, instance=open_instance(home)).run(briefs, timeout)
     if as_json:
         print(json.dumps({o.brief_id: asdict(o) for o in outcomes}, indent=2))
     else:
@@ -97,6 +112,7 @@ def _execute(briefs: list[Brief], requests: Path, timeout: float, as_json: bool)
             [asdict(o) for o in outcomes],
             ["brief_id", "status", "task_id", "final_credits", "refunded_credits", "s3_uri", "error"],
         )
+        _print_qc_failures([failure for o in outcomes for failure in o.qc_failures])
     return EXIT_OK if all(o.succeeded for o in outcomes) else EXIT_FAILED
 
 
@@ -145,7 +161,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
+    from .instance_setup import open_instance
+
     home = _dagster_home()
+    open_instance(home).dispose()  # repairs a set-up a killed process left half done, before the UI and daemon start
     with _embedded_stack(args):
         # The workspace file names the code location `rivya_pipeline`, as plain `dagster dev` does: same UI links.
         command = [sys.executable, "-m", "dagster", "dev", "-w", str(REPO_ROOT / "workspace.yaml")]
@@ -167,15 +186,22 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """Spend from the ledger; QC failures from the check evaluations in the instance's event log (what the UI shows)."""
+    from .defs.video_qc import qc_failures
+    from .instance_setup import open_instance
     from .ledger import Ledger
 
     settings = Settings.from_env()
-    ledger = Ledger(settings.ledger_url or Ledger.default_url(_dagster_home()))
+    home = _dagster_home()
+    ledger = Ledger(settings.ledger_url or Ledger.default_url(home))
     rows = ledger.spend_report()
+    with open_instance(home) as instance:
+        failures = qc_failures(instance)
     if args.json:
-        print(json.dumps(rows, indent=2, default=str))
+        print(json.dumps({"spend": rows, "qc_failures": [asdict(f) for f in failures]}, indent=2, default=str))
     else:
         _print_table(rows, ["day", "brief_id", "tasks", "reserved", "final", "refunded"])
+        _print_qc_failures(failures)
     return EXIT_OK
 
 
@@ -234,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stack_options(dev)
     dev.set_defaults(func=cmd_dev)
 
-    report = sub.add_parser("report", help="credits spent per day and brief, from the ledger")
+    report = sub.add_parser("report", help="credits spent per day and brief, and the stored videos that failed QC")
     report.add_argument("--json", action="store_true")
     report.set_defaults(func=cmd_report)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,7 @@ import pytest
 
 from rivya_pipeline.cli import parse_args
 from rivya_pipeline.emulator import FAIL_MARKER
+from rivya_pipeline.emulator.config import video_fault_marker
 from rivya_pipeline.settings import REPO_ROOT
 from rivya_pipeline_tests.fixtures_emulator import TEST_API_KEY
 from rivya_pipeline_tests.fixtures_pipeline import FAST_LIFECYCLE, SAMPLE_BRIEFS
@@ -39,8 +41,10 @@ MALFORMED = {
         [("a.yaml", "unknown-model", "model", "unknown model 'kling-9-9'")],
     ),
     "three references": (
-        {"b.yaml": "id: three-refs\nprompt: A city at night.\n"
-                   "references: [images/product.png, images/city-day.jpg, images/city-night.webp]\n"},
+        {
+            "b.yaml": "id: three-refs\nprompt: A city at night.\n"
+            "references: [images/product.png, images/city-day.jpg, images/city-night.webp]\n"
+        },
         [("b.yaml", "three-refs", "references", "3 given")],
     ),
     "GIF reference": (
@@ -76,9 +80,7 @@ def cli_env(*, api_key: str, base_url: str, bucket: str, s3_endpoint_url: str, d
 
 
 def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(RIVYA_PIPELINE), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([str(RIVYA_PIPELINE), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture
@@ -174,11 +176,14 @@ def test_run_json_stores_the_samples_and_exits_0(tmp_path, cli, emulator, s3_buc
         assert outcome["status"] == "stored"
         assert outcome["s3_uri"] == f"s3://{bucket}/videos/{brief_id}/{outcome['task_id']}.mp4"
         assert (outcome["reserved_credits"], outcome["final_credits"], outcome["refunded_credits"]) == (
-            KLING_PRICE, KLING_PRICE, 0
+            KLING_PRICE,
+            KLING_PRICE,
+            0,
         )
     assert sorted(s3_keys(s3_bucket)) == sorted(
         o["s3_uri"].removeprefix(f"s3://{bucket}/").removesuffix(".mp4") + ext
-        for o in outcomes.values() for ext in (".mp4", ".json", ".poster.jpg", ".sheet.jpg")  # + the QC pictures
+        for o in outcomes.values()
+        for ext in (".mp4", ".json", ".poster.jpg", ".sheet.jpg")  # + the QC pictures
     )
 
 
@@ -210,12 +215,68 @@ def test_report_gives_spend_per_day_and_brief_from_the_ledger(tmp_path, cli, emu
     done = cli("report", "--json")
 
     assert done.returncode == 0
-    rows = {row["brief_id"]: row for row in json.loads(done.stdout)}
+    report = json.loads(done.stdout)
+    assert report["qc_failures"] == []
+    rows = {row["brief_id"]: row for row in report["spend"]}
     assert set(rows) == {"calm-lake", "doomed-vase"}
     assert (rows["calm-lake"]["tasks"], rows["calm-lake"]["final"], rows["calm-lake"]["refunded"]) == (1, 90, 0)
     assert (rows["doomed-vase"]["final"], rows["doomed-vase"]["refunded"]) == (0, KLING_PRICE)
     assert {row["day"] for row in rows.values()} == {datetime.now(UTC).date().isoformat()}
     assert sum(c["credits"] for c in emulator.stats()["charges"] if not c["refunded"]) == 90
+
+
+QC_BRIEFS = {
+    "good.yaml": "id: calm-lake\nprompt: A calm lake at dawn\nparams: {duration: 3, mode: std}\n",
+    "silent.yaml": f'id: quiet-drums\nprompt: "A drummer on a rooftop {video_fault_marker("silent")}"\n'
+    "params: {duration: 3, mode: std, sound: true}\n",
+    "black.yaml": f'id: dark-street\nprompt: "A street at night {video_fault_marker("black")}"\n'
+    "params: {duration: 3, mode: std}\n",
+}
+# brief -> (check, severity, start of the measured value) of each QC failure, in check order
+QC_FAILURES = {
+    "dark-street": [("not_black", "ERROR", "longest black stretch 3.0 s"), ("not_frozen", "WARN", "longest frozen")],
+    "quiet-drums": [("audio_matches", "ERROR", "silent: at or below -60 dBFS")],
+}
+
+
+def assert_lists_the_qc_failures(text: str) -> None:
+    """The text output's QC section: a line per failed check, and the hint to pay for a new video."""
+    assert "3 QC check(s) failed on 2 stored video(s)" in text
+    assert "bump `regenerate` in a brief to pay for a new video" in text
+    for brief_id, failures in QC_FAILURES.items():
+        for check, severity, measured in failures:
+            assert re.search(rf"^{brief_id}\s+{check}\s+{severity}\s+{re.escape(measured)}", text, re.MULTILINE), text
+
+
+def assert_carries_the_qc_failures(failures: list[dict], brief_ids: set[str]) -> None:
+    """The JSON's `qc_failures`: brief, check, severity, measured value and hint, in brief and check order."""
+    expected = [(brief_id, *failure) for brief_id in sorted(brief_ids) for failure in QC_FAILURES[brief_id]]
+    assert [(f["brief_id"], f["check"], f["severity"]) for f in failures] == [e[:3] for e in expected]
+    for failure, (*_, measured) in zip(failures, expected, strict=True):
+        assert failure["measured"].startswith(measured) and "bump `regenerate`" in failure["hint"]
+
+
+def test_run_and_report_list_the_stored_videos_that_failed_qc_and_exit_0(tmp_path, cli, emulator, s3_bucket):
+    folder = tmp_path / "qc"
+    write_folder(folder, QC_BRIEFS)
+
+    first = cli("run", "--requests", str(folder))
+    again = cli("run", "--json", "--requests", str(folder))  # stores nothing new: QC comes from the instance
+    report, report_json = cli("report"), cli("report", "--json")
+
+    assert [done.returncode for done in (first, again, report, report_json)] == [EXIT_OK] * 4, first.stderr
+    assert_lists_the_qc_failures(first.stdout)
+    assert_lists_the_qc_failures(report.stdout)
+    outcomes = json.loads(again.stdout)
+    assert {brief_id: o["status"] for brief_id, o in outcomes.items()} == dict.fromkeys(
+        ["calm-lake", "quiet-drums", "dark-street"], "stored"
+    )
+    assert outcomes["calm-lake"]["qc_failures"] == []
+    for brief_id in QC_FAILURES:
+        assert_carries_the_qc_failures(outcomes[brief_id]["qc_failures"], {brief_id})
+    assert_carries_the_qc_failures(json.loads(report_json.stdout)["qc_failures"], set(QC_FAILURES))
+    assert len(s3_keys(s3_bucket)) == 3 * 4  # every video kept, with its sidecar and pictures
+    assert emulator.stats()["creates_performed"] == 3
 
 
 def test_report_of_an_instance_that_spent_nothing_is_the_header_alone(cli, emulator):
@@ -227,7 +288,12 @@ def test_report_of_an_instance_that_spent_nothing_is_the_header_alone(cli, emula
 
 def test_the_emulator_command_passes_every_option_on_to_the_emulator():
     assert parse_args(["emulator", "--port", "8787", "--media-port", "8788", "--seed=-1", "-h"]).emulator_args == [
-        "--port", "8787", "--media-port", "8788", "--seed=-1", "-h"
+        "--port",
+        "8787",
+        "--media-port",
+        "8788",
+        "--seed=-1",
+        "-h",
     ]
     assert parse_args(["emulator"]).emulator_args == []
 
