@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import yaml
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 
 from rivya_pipeline.settings import REPO_ROOT
+from rivya_pipeline_tests.helpers import free_ports
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -80,17 +80,6 @@ class DevStack:
 
     def asset_nodes(self) -> dict[str, dict[str, Any]]:
         return {node["assetKey"]["path"][-1]: node for node in self.graphql(ASSET_NODES_QUERY)["assetNodes"]}
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def wait_until_loaded(stack: DevStack, process: subprocess.Popen, log: Path) -> None:
