@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from sqlalchemy import URL, Connection, Engine, create_engine, event, func, insert, make_url, select
 
 from .schema import SCHEMA_VERSION, ledger_meta, metadata
@@ -94,14 +96,13 @@ def _sqlite_engine(url: URL) -> Engine:
     so every write transaction takes SQLite's write lock at its start: two processes can never both
     read the same spend and then both insert. WAL lets readers (the sensor, reports) run beside it.
     """
-    if url.database and url.database != ":memory:":
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    if url.database and url.database != ":memory:":  # an in-memory database has no WAL
+        _switch_to_wal(Path(url.database))
     engine = create_engine(url, connect_args={"timeout": LOCK_WAIT_SECONDS})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
-        dbapi_connection.execute("PRAGMA journal_mode=WAL")
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
@@ -109,6 +110,22 @@ def _sqlite_engine(url: URL) -> Engine:
         conn.exec_driver_sql("BEGIN" if deferred else "BEGIN IMMEDIATE")
 
     return engine
+
+
+def _switch_to_wal(path: Path) -> None:
+    """Put the file in WAL mode once, under a file lock beside it; WAL is then a property of the file.
+
+    Switching needs an exclusive lock that SQLite refuses at once, without waiting for its busy timeout,
+    when two connections both hold a shared lock and both ask for it: processes that opened a fresh
+    ledger together failed with "database is locked". The kernel's lock dies with a killed process.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock", timeout=LOCK_WAIT_SECONDS):
+        connection = sqlite3.connect(path, timeout=LOCK_WAIT_SECONDS)
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+        finally:
+            connection.close()
 
 
 class LedgerPart:
