@@ -103,9 +103,34 @@ class _Polled:
     answer: GenerationTask | RivyaError
 
 
+class _ConnectionPerThread:
+    """A client over a connection of its own for each poll thread, opened as the thread starts, all closed together.
+
+    One pool shared by the threads costs every poll the pool's bookkeeping: at each request and each response,
+    httpcore rescans all the pool's connections under its lock and polls every idle socket (encode/httpcore#1035).
+    """
+
+    def __init__(self, template: RivyaClient) -> None:
+        self._template = template
+        self._local = threading.local()
+        self._opened: list[RivyaClient] = []
+
+    def open(self) -> None:
+        """In each new worker thread (the pool's initializer)."""
+        self._local.client = self._template.with_own_connection()
+        self._opened.append(self._local.client)
+
+    def get_generation(self, task_id: str) -> GenerationTask:
+        return self._local.client.get_generation(task_id)
+
+    def close(self) -> None:
+        for client in self._opened:
+            client.close()
+
+
 class TaskPoller:
-    """Polls due tasks with `concurrency` worker threads sharing one client (one connection pool) and one
-    rate limiter; the calling thread records the answers in the ledger, a batch per transaction."""
+    """Polls due tasks with `concurrency` worker threads sharing one rate limiter, each over a connection of its
+    own; the calling thread records the answers in the ledger, a batch per transaction."""
 
     def __init__(
         self,
@@ -136,19 +161,25 @@ class TaskPoller:
             else:
                 to_poll.append(record)
 
-        with ThreadPoolExecutor(max_workers=self._concurrency, thread_name_prefix="rivya-poll") as pool:
-            futures = [pool.submit(self._fetch, record, budget) for record in to_poll]
-            batch: list[StatusUpdate] = []
-            for future in as_completed(futures):
-                polled = future.result()
-                if polled is None:
-                    report.stopped_early = True
-                    continue
-                batch.append(self._status_update(polled, report))
-                if len(batch) >= WRITE_BATCH:
-                    self._write(batch, budget)
-                    batch = []
-            self._write(batch, budget)
+        connections = _ConnectionPerThread(self._client)
+        try:
+            with ThreadPoolExecutor(
+                max_workers=self._concurrency, thread_name_prefix="rivya-poll", initializer=connections.open
+            ) as pool:
+                futures = [pool.submit(self._fetch, connections, record, budget) for record in to_poll]
+                batch: list[StatusUpdate] = []
+                for future in as_completed(futures):
+                    polled = future.result()
+                    if polled is None:
+                        report.stopped_early = True
+                        continue
+                    batch.append(self._status_update(polled, report))
+                    if len(batch) >= WRITE_BATCH:
+                        self._write(batch, budget)
+                        batch = []
+                self._write(batch, budget)
+        finally:
+            connections.close()
         return report
 
     def _write(self, batch: list[StatusUpdate], budget: _TickBudget) -> None:
@@ -156,7 +187,7 @@ class TaskPoller:
         self._ledger.update_statuses(batch)
         budget.wrote(time.monotonic() - started)
 
-    def _fetch(self, record: TaskRecord, budget: _TickBudget) -> _Polled | None:
+    def _fetch(self, connections: _ConnectionPerThread, record: TaskRecord, budget: _TickBudget) -> _Polled | None:
         """In a worker thread: wait for the rate limiter, then ask for the task; None when out of time."""
         left = budget.left_for_next_poll()
         if left <= 0 or not self._limiter.try_acquire("poll", timeout=left):
@@ -164,7 +195,7 @@ class TaskPoller:
         polled_at, started = self._clock(), time.monotonic()
         answer: GenerationTask | RivyaError
         try:
-            answer = self._client.get_generation(record.accepted_task_id)
+            answer = connections.get_generation(record.accepted_task_id)
         except RivyaError as exc:
             answer = exc
         budget.polled(time.monotonic() - started)

@@ -1,5 +1,6 @@
 """The poller against the emulator over HTTP and a real ledger: what a pass records, what it never asks
-again, how it stops at its time budget, and that one rate window holds across the pollers of one process."""
+again, how it stops at its time budget, that one rate window holds across the pollers of one process, and
+that its threads' own connections keep the client's retry policy and are all closed when it returns."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+import httpx
+import psutil
 import pytest
 
 from rivya_pipeline.emulator import FAIL_MARKER, FaultRule, RivyaEmulator
 from rivya_pipeline.ledger import Ledger, StatusUpdate
 from rivya_pipeline.polling import TaskPoller
-from rivya_pipeline.rivya import RivyaClient
+from rivya_pipeline.rivya import RetryPolicy, RivyaClient
+from rivya_pipeline_tests.fixtures_emulator import TEST_API_KEY
 from rivya_pipeline_tests.helpers import TASK_BODY, track_due_task
 
 FAST = {"requests_per_second": 1000, "concurrency": 8}
@@ -37,6 +41,12 @@ def submit(client: RivyaClient, ledger: Ledger) -> Callable[..., list[str]]:
 
 def polls(emulator: RivyaEmulator) -> int:
     return emulator.stats()["requests"].get("get_generation", 0)
+
+
+def connections_to(emulator: RivyaEmulator) -> int:
+    """Open TCP connections of this process to the emulator's API (the client ends only)."""
+    port = httpx.URL(emulator.base_url).port
+    return sum(1 for c in psutil.Process().net_connections(kind="tcp") if c.raddr and c.raddr.port == port)
 
 
 def test_a_pass_records_every_change_and_never_asks_again_about_terminal_tasks(
@@ -120,3 +130,28 @@ def test_a_batch_naming_an_unknown_task_records_nothing(emulator, ledger, submit
         )
 
     assert ledger.find_by_task(known).poll_count == 0
+
+
+def test_each_poll_thread_retries_by_the_client_policy(configure_emulator, ledger, submit):
+    emulator = configure_emulator(queued_seconds=60)
+    (task_id,) = submit(1)
+    emulator.set_faults([FaultRule(endpoint="get_generation", kind="server_error", times=1)])
+    retrying = RetryPolicy(max_attempts=2, backoff_base_seconds=0.01, backoff_max_seconds=0.02)
+
+    with RivyaClient(TEST_API_KEY, emulator.base_url, retry=retrying) as client:
+        report = TaskPoller(client, ledger, **FAST).poll_due()
+
+    assert report.polled == 1 and not report.errors
+    assert polls(emulator) == 2  # the 503, then the answer on the same thread's own connection
+    assert ledger.find_by_task(task_id).poll_count == 1
+
+
+def test_a_pass_closes_every_connection_its_threads_opened(configure_emulator, client, ledger, submit):
+    emulator = configure_emulator(queued_seconds=60, latency_seconds=0.05)
+    submit(20)
+    before = connections_to(emulator)  # the `client` fixture's own
+
+    report = TaskPoller(client, ledger, requests_per_second=1000, concurrency=8).poll_due()
+
+    assert report.polled == 20
+    assert connections_to(emulator) == before

@@ -71,13 +71,13 @@ class RivyaResource(ConfigurableResource):
 
     def poller(self, ledger: TaskTracker) -> TaskPoller:
         if self._poll_client is None:
-            # One pool shared by all poll threads, a connection each: a smaller pool makes them queue for sockets.
+            # The pattern of the poll threads' clients: each thread opens a connection of its own from it.
             self._poll_client = RivyaClient(
                 self.api_key,
                 self.base_url,
                 timeout_seconds=self.request_timeout_seconds,
                 retry=POLL_RETRY,
-                max_connections=self.poll_concurrency,
+                max_connections=1,
             )
         return TaskPoller(
             self._poll_client,

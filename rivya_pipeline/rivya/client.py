@@ -6,6 +6,7 @@ that only ever sends it to the API's own origin, and it never appears in repr, l
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Generator
 from email.utils import parsedate_to_datetime
@@ -26,9 +27,8 @@ M = TypeVar("M", bound=BaseModel)
 log = logging.getLogger(__name__)
 
 
-def _origin(url: httpx.URL | str) -> tuple[str, str, int | None]:
-    parts = httpx.URL(str(url))
-    return parts.scheme, parts.host, parts.port
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port
 
 
 class _BearerForApiOrigin(httpx.Auth):
@@ -36,7 +36,7 @@ class _BearerForApiOrigin(httpx.Auth):
 
     def __init__(self, api_key: str, base_url: str) -> None:
         self._api_key = api_key
-        self._origin = _origin(base_url)
+        self._origin = _origin(httpx.URL(base_url))
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         if _origin(request.url) == self._origin:
@@ -81,12 +81,17 @@ class RivyaClient:
         if scheme not in ("http", "https"):
             raise ValueError(f"base_url: must be an http(s) URL (got scheme {scheme!r})")
         self.base_url = base_url.rstrip("/")
+        # Requests name absolute URLs: httpx parses one once, where it parses a path and then the joined URL.
+        self._api_root = self.base_url + "/api/v1"
         self.retry = retry or RetryPolicy()
         self._api_key = api_key
-        self._http = httpx.Client(
-            base_url=self.base_url + "/api/v1",
-            auth=_BearerForApiOrigin(api_key, self.base_url),
-            timeout=httpx.Timeout(timeout_seconds, connect=connect_timeout_seconds),
+        self._timeout = httpx.Timeout(timeout_seconds, connect=connect_timeout_seconds)
+        self._http = self._open_pool(max_connections)
+
+    def _open_pool(self, max_connections: int) -> httpx.Client:
+        return httpx.Client(
+            auth=_BearerForApiOrigin(self._api_key, self.base_url),
+            timeout=self._timeout,
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             follow_redirects=False,
             headers={"User-Agent": "rivya-pipeline/0.1", "Accept": "application/json"},
@@ -105,10 +110,17 @@ class RivyaClient:
     def close(self) -> None:
         self._http.close()
 
+    def with_own_connection(self) -> RivyaClient:
+        """The same client (key, base URL, timeouts, retry policy) over one keep-alive connection of its own:
+        for a worker thread of many, cheaper per request than a share of one large pool."""
+        twin = copy.copy(self)
+        twin._http = self._open_pool(max_connections=1)
+        return twin
+
     # -- endpoints ---------------------------------------------------------------------------
 
     def list_models(self) -> list[ModelInfo]:
-        data = self._call("GET", "/models")
+        data = self._call("GET", "/models").json()
         return [ModelInfo.model_validate(m) for m in data.get("data", [])]
 
     def get_model(self, model_id: str) -> ModelInfo | None:
@@ -132,41 +144,44 @@ class RivyaClient:
 
         def send() -> httpx.Response:
             with path.open("rb") as fh:
-                return self._http.post("/files", data=fields, files={"file": (path.name, fh, mime_type)})
+                return self._http.post(
+                    self._api_root + "/files", data=fields, files={"file": (path.name, fh, mime_type)}
+                )
 
-        return self._typed(FileObject, self._call_with(send))
+        return _parsed(FileObject, self._call_with(send))
 
     def get_file(self, file_id: str) -> FileObject:
-        return self._typed(FileObject, self._call("GET", f"/files/{file_id}"))
+        return _parsed(FileObject, self._call("GET", f"/files/{file_id}"))
 
     def create_generation(self, body: dict[str, Any], *, idempotency_key: str) -> GenerationTask:
         """Create a paid task. Every retry carries the same Idempotency-Key, so a lost answer never costs twice."""
         if not idempotency_key:
             raise ValueError("idempotency_key: a paid create is never sent without one")
         headers = {"Idempotency-Key": idempotency_key}
-        return self._typed(GenerationTask, self._call("POST", "/generations", json=body, headers=headers))
+        return _parsed(GenerationTask, self._call("POST", "/generations", json=body, headers=headers))
 
     def get_generation(self, task_id: str) -> GenerationTask:
-        return self._typed(GenerationTask, self._call("GET", f"/generations/{task_id}"))
+        return _parsed(GenerationTask, self._call("GET", f"/generations/{task_id}"))
 
     def get_credits(self) -> int:
-        return int(self._call("GET", "/credits")["current_credits"])
+        return int(self._call("GET", "/credits").json()["current_credits"])
 
     # -- plumbing ----------------------------------------------------------------------------
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        return self._call_with(lambda: self._http.request(method, path, **kwargs))
+    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return self._call_with(lambda: self._http.request(method, self._api_root + path, **kwargs))
 
-    def _call_with(self, send: Callable[[], httpx.Response]) -> dict[str, Any]:
+    def _call_with(self, send: Callable[[], httpx.Response]) -> httpx.Response:
+        """A successful response, after the retry policy's attempts; otherwise its typed error."""
         return self.retry.call(lambda: self._checked(send))
 
-    def _checked(self, send: Callable[[], httpx.Response]) -> dict[str, Any]:
+    def _checked(self, send: Callable[[], httpx.Response]) -> httpx.Response:
         try:
             response = send()
         except httpx.TransportError as exc:
             raise TransportError(self._scrub(f"{type(exc).__name__}: {exc}"), code="transport_error") from None
         if response.is_success:
-            return response.json()
+            return response
         raise self._error_from(response)
 
     def _error_from(self, response: httpx.Response) -> RivyaError:
@@ -193,6 +208,7 @@ class RivyaClient:
     def _scrub(self, text: str) -> str:
         return text.replace(self._api_key, "***")
 
-    @staticmethod
-    def _typed(model: type[M], data: dict[str, Any]) -> M:
-        return model.model_validate(data)
+
+def _parsed(model: type[M], response: httpx.Response) -> M:
+    """The answer's raw bytes validated straight into the model: parsed once, with no dict in between."""
+    return model.model_validate_json(response.content)
