@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test dev lint bench clean
+.PHONY: setup demo test dev workers lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ test: lint
 
 dev: setup
 	$(BIN)/rivya-pipeline dev
+
+# Warm Celery workers for a DAGSTER_HOME on deploy/celery/dagster.yaml (deploy/celery/README.md); next to `make dev`.
+workers: setup
+	$(BIN)/rivya-pipeline workers
 
 bench: setup
 	$(BIN)/rivya-pipeline bench all

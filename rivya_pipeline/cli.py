@@ -1,4 +1,4 @@
-"""`rivya-pipeline`: run, demo, dev, emulator and report.
+"""`rivya-pipeline`: run, demo, dev, workers, emulator and report.
 
 Exit codes of `run`: 0 every brief stored, 1 any failed or timed out, 2 invalid input (nothing spent).
 A stored video that failed a QC check is still stored (exit 0): `run` and `report` list it under their tables,
@@ -18,7 +18,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .bench import BENCHMARKS
+from .bench import BENCHMARKS, SCALE_PROFILES
 from .briefs import Brief, BriefErrors, load_briefs
 from .settings import REPO_ROOT, Settings, SettingsError
 
@@ -216,7 +216,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.runner import run_benchmarks
 
     names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
-    return run_benchmarks(names, quick=args.quick, as_json=args.json, transfer_mb=args.transfer_mb)
+    return run_benchmarks(
+        names,
+        quick=args.quick,
+        as_json=args.json,
+        transfer_mb=args.transfer_mb,
+        scale_briefs=args.briefs,
+        scale_profile=args.profile,
+    )
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    from .embedded import DEFAULT_PORTS, stack_env
+    from .workers import WorkerSetupError, run_workers
+
+    _dagster_home()
+    env = dict(os.environ)
+    if not env.get("RIVYA_API_KEY"):
+        if env.get("RIVYA_BASE_URL"):
+            print("RIVYA_BASE_URL is set but RIVYA_API_KEY is not: refusing to guess a key.", file=sys.stderr)
+            return EXIT_INVALID
+        api, s3 = args.api_port or DEFAULT_PORTS["api"], args.s3_port or DEFAULT_PORTS["s3"]
+        env |= stack_env(f"http://127.0.0.1:{api}", f"http://127.0.0.1:{s3}")
+        note = f"the workers use the embedded stack of `rivya-pipeline dev` (ports {api}, {s3})"
+        print(f"RIVYA_API_KEY is not set: {note}.", file=sys.stderr)
+    try:
+        return run_workers(env, args.count, args.concurrency)
+    except WorkerSetupError as exc:
+        print(f"No workers started: {exc}", file=sys.stderr)
+        return EXIT_INVALID
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:
@@ -264,12 +292,27 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--json", action="store_true")
     report.set_defaults(func=cmd_report)
 
+    workers = sub.add_parser(
+        "workers", help="warm Celery workers that execute the runs of a CeleryRunLauncher instance (deploy/celery/)"
+    )
+    workers.add_argument("--count", type=_positive_int, default=2, help="worker processes (default 2)")
+    workers.add_argument(
+        "--concurrency", type=_positive_int, default=2, help="runs each worker executes at once (default 2)"
+    )
+    workers.add_argument("--api-port", type=int, help="without RIVYA_API_KEY: the emulator port of `dev` (8787)")
+    workers.add_argument("--s3-port", type=int, help="without RIVYA_API_KEY: the S3 port of `dev` (8789)")
+    workers.set_defaults(func=cmd_workers)
+
     bench = sub.add_parser("bench", help="the scale benchmarks, each against its baseline, on a local emulator + S3")
     bench.add_argument("benchmark", choices=[*BENCHMARKS, "all"])
     bench.add_argument("--json", action="store_true", help="print one JSON object keyed by benchmark name")
     bench.add_argument("--quick", action="store_true", help="a small, fast version (CI: they run, figures are sane)")
     bench.add_argument(
         "--transfer-mb", type=_positive_int, help="size of the transfer's video in MiB (default 1024, quick 64)"
+    )
+    bench.add_argument("--briefs", type=_positive_int, help="scale: briefs in the folder (default 200, quick 10)")
+    bench.add_argument(
+        "--profile", choices=SCALE_PROFILES, help="scale: this profile only (default: every one that can run)"
     )
     bench.set_defaults(func=cmd_bench)
 

@@ -32,6 +32,18 @@ PUBLIC_READ_POLICY = {
 DUMMY_AWS = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+def stack_env(api_url: str, s3_url: str) -> dict[str, str]:
+    """The environment that points a process at an embedded stack serving on these URLs (say, a worker of `dev`'s)."""
+    return {
+        **DUMMY_AWS,
+        "RIVYA_API_KEY": EMBEDDED_API_KEY,
+        "RIVYA_BASE_URL": api_url,
+        "RIVYA_ALLOW_LOCAL_MEDIA": "1",
+        "AWS_ENDPOINT_URL_S3": s3_url,
+        "RIVYA_S3_BUCKET": EMBEDDED_BUCKET,
+    }
+
+
 @dataclass
 class EmbeddedStack:
     data_dir: Path
@@ -49,14 +61,7 @@ class EmbeddedStack:
         self._s3.start()
         host, port = self._s3.get_host_and_port()
         s3_url = f"http://{host}:{port}"
-        self.env = {
-            **DUMMY_AWS,
-            "RIVYA_API_KEY": EMBEDDED_API_KEY,
-            "RIVYA_BASE_URL": self._emulator.base_url,
-            "RIVYA_ALLOW_LOCAL_MEDIA": "1",
-            "AWS_ENDPOINT_URL_S3": s3_url,
-            "RIVYA_S3_BUCKET": EMBEDDED_BUCKET,
-        }
+        self.env = stack_env(self._emulator.base_url, s3_url)
         os.environ.update(self.env)  # this process and the ones it starts (dagster dev, runs) use the stack
         self._client = make_s3_client(endpoint_url=s3_url, region="us-east-1")
         self._client.create_bucket(Bucket=EMBEDDED_BUCKET)

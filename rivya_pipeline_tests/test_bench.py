@@ -12,18 +12,21 @@ import sys
 
 import pytest
 
-from rivya_pipeline.bench import BENCHMARKS, calls, e2e, poll, qc
+from rivya_pipeline.bench import BENCHMARKS, SCALE_PROFILES, calls, e2e, poll, qc, scale
 from rivya_pipeline.bench.runner import run_benchmarks
+
+pytestmark = pytest.mark.timeout(1500)  # the module's first test waits for `bench all --quick`
 
 BENCH = [sys.executable, "-m", "rivya_pipeline.cli", "bench"]
 TRANSFER_MB = 40  # the size option, in the place of the quick default
 
 README_KEYS = {  # what the README's Benchmarks table reads from `bench all --json`
-    "poll": {"tick_seconds", "sequential_seconds", "speedup", "max_observed_rps"},
+    "poll": {"tick_seconds", "sequential_seconds", "speedup", "max_observed_rps", "cpu_ms_per_poll"},
     "transfer": {"peak_rss_mb", "mb_per_s", "baseline_mb_per_s", "ratio"},
     "e2e": {"pipeline_seconds", "bare_seconds", "ratio"},
     "calls": {"polls_per_task"},
     "qc": {"cpu_seconds_per_clip_second", "peak_rss_mb"},
+    "scale": {"seconds_per_brief", "inprocess_seconds_per_brief", "ratio_to_inprocess", "bare_seconds_per_brief"},
 }
 
 
@@ -33,7 +36,7 @@ def report() -> dict:
         [*BENCH, "all", "--json", "--quick", "--transfer-mb", str(TRANSFER_MB)],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1200,  # `scale` alone waits for a discovery tick per profile
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -50,7 +53,7 @@ def test_one_object_keyed_by_benchmark_with_the_readme_keys(report):
 def test_poll_polls_every_due_task_once_within_the_rate(report):
     figures = report["poll"]
     assert figures["tick_polled"] == poll.QUICK["tick_tasks"]
-    assert figures["sequential_seconds"] > 0 and figures["tick_seconds"] > 0
+    assert figures["sequential_seconds"] > 0 and figures["tick_seconds"] > 0 and figures["cpu_ms_per_poll"] > 0
     assert figures["speedup"] == pytest.approx(figures["sequential_seconds"] / figures["tick_seconds"], rel=0.02)
     assert 0 < figures["max_observed_rps"] <= figures["configured_rps"]
     assert figures["backlog_tasks"] == poll.QUICK["backlog_tasks"] and figures["backlog_unpolled"] == 0
@@ -92,6 +95,21 @@ def test_qc_decodes_every_frame_of_both_clips_and_samples_a_few(report):
     assert figures["cpu_seconds_per_clip_second"] == pytest.approx(figures["cpu_seconds"] / long_seconds, abs=0.01)
     assert figures["peak_rss_mb"] >= figures["rss_before_qc_mb"] > 0
     assert figures["checks_passed"]
+
+
+def test_scale_stores_every_brief_once_under_every_profile_this_machine_runs(report):
+    figures = report["scale"]
+    measured = [name for name in SCALE_PROFILES if name in figures]
+    assert "default" in measured and figures["best_profile"] in measured
+    for name in measured:
+        profile = figures[name]
+        assert (profile["stored"], profile["duplicate_charges"]) == (scale.QUICK_BRIEFS, 0)
+        assert profile["runs"] == 2 * scale.QUICK_BRIEFS  # a submit run and a store run per brief
+        assert profile["seconds_per_brief"] == pytest.approx(profile["seconds"] / scale.QUICK_BRIEFS, abs=0.01)
+        assert profile["cpu_seconds"] > 0
+    assert figures["seconds_per_brief"] == min(figures[name]["seconds_per_brief"] for name in measured)
+    assert figures["bare_stored"] == scale.QUICK_BRIEFS
+    assert 0 < figures["bare_seconds_per_brief"] < figures["inprocess_seconds_per_brief"]
 
 
 def test_a_transfer_size_below_one_mib_is_refused_before_anything_starts():

@@ -1,8 +1,8 @@
-"""The deployments in deploy/ are config Dagster loads: instance profiles, the Kubernetes and Celery code locations.
+"""The deployments in deploy/ are config Dagster loads: instance profiles and the Kubernetes code location.
 
 Everything is checked with the installed dagster-k8s and dagster-celery and Dagster's own config validation (the
-same checks Dagster runs before it builds a storage, a run launcher, an executor or a Celery worker), so none of
-it needs a cluster, a broker or a database.
+same checks Dagster runs before it builds a storage, a run launcher or an executor), so none of it needs a cluster, a
+broker or a database. The Celery profile is also executed, on this machine's broker: test_celery_workers.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dagster import Definitions, validate_run_config
 from dagster._config import process_config, resolve_to_config_type
 from dagster._core.instance.ref import InstanceRef
 from dagster._serdes import ConfigurableClassData
-from dagster_celery.cli import get_config_dir
+from dagster_celery.launcher import CeleryRunLauncher
 from dagster_k8s import K8sRunLauncher
 
 from rivya_pipeline.settings import REPO_ROOT
@@ -35,7 +35,7 @@ DEPLOYMENT_ENV = {
     "DAGSTER_PG_PASSWORD": "placeholder",
     "DAGSTER_PG_DB": "dagster",
     "DAGSTER_CELERY_BROKER_URL": "pyamqp://guest:guest@rabbitmq.example.internal:5672//",
-    "DAGSTER_CELERY_BACKEND_URL": "rpc://",
+    "DAGSTER_CELERY_BACKEND_URL": "db+postgresql+psycopg2://dagster:placeholder@postgres.example.internal:5432/dagster",
     "RIVYA_API_KEY": "rvya_sk_placeholder",  # the runs' resources read it when their config is resolved
 }
 # A kubeconfig naming a server that nothing listens on: building the launcher reads it, never connects.
@@ -93,7 +93,7 @@ def test_profile_is_an_instance_config_dagster_accepts_class_by_class(name, tmp_
         "run_launcher": ref.run_launcher_data,
     }
     classes = {part: validated(data)[0].__name__ for part, data in parts.items()}
-    launcher = {"production": "DefaultRunLauncher", "celery": "DefaultRunLauncher", "k8s": "K8sRunLauncher"}[name]
+    launcher = {"production": "DefaultRunLauncher", "celery": "CeleryRunLauncher", "k8s": "K8sRunLauncher"}[name]
     assert classes == {
         "storage": "DagsterPostgresStorage",
         "run_coordinator": "QueuedRunCoordinator",
@@ -104,11 +104,35 @@ def test_profile_is_an_instance_config_dagster_accepts_class_by_class(name, tmp_
     assert settings["concurrency"]["pools"] == {"default_limit": 4}
 
 
-@pytest.mark.parametrize("name", ["k8s", "celery"])
-def test_k8s_and_celery_profiles_are_the_production_profile_with_their_run_launcher(name):
-    production, profile = loaded_yaml(PROFILES["production"]), loaded_yaml(PROFILES[name])
+def test_k8s_profile_is_the_production_profile_with_its_run_launcher():
+    production, profile = loaded_yaml(PROFILES["production"]), loaded_yaml(PROFILES["k8s"])
 
     assert {k: v for k, v in profile.items() if k != "run_launcher"} == production
+
+
+def test_celery_profile_is_the_production_profile_with_its_launcher_and_dead_worker_settings():
+    production, profile = loaded_yaml(PROFILES["production"]), loaded_yaml(PROFILES["celery"])
+
+    unchanged = {k: v for k, v in profile.items() if k not in ("run_launcher", "run_monitoring")}
+    assert unchanged == {k: v for k, v in production.items() if k != "run_monitoring"}
+    monitoring = profile["run_monitoring"]
+    assert {k: monitoring[k] for k in production["run_monitoring"] if k != "poll_interval_seconds"} == {
+        k: v for k, v in production["run_monitoring"].items() if k != "poll_interval_seconds"
+    }
+    assert monitoring["max_resume_run_attempts"] == 0  # the launcher's resume task cannot run (see the profile)
+    assert monitoring["free_slots_after_run_end_seconds"] > 0  # a killed paid submit gives its pool slot back
+
+
+def test_celery_run_launcher_is_built_from_the_profile_with_a_backend_every_process_can_read(tmp_path):
+    klass, config = validated(instance_ref(PROFILES["celery"], tmp_path).run_launcher_data)
+
+    launcher = klass.from_config_value(None, config)  # builds the Celery app; connects to nothing
+
+    assert isinstance(launcher, CeleryRunLauncher)
+    assert launcher.broker == DEPLOYMENT_ENV["DAGSTER_CELERY_BROKER_URL"]
+    assert launcher.backend == DEPLOYMENT_ENV["DAGSTER_CELERY_BACKEND_URL"]
+    assert launcher.default_queue == "dagster"
+    assert launcher.config_source["worker_prefetch_multiplier"] == 1
 
 
 def test_k8s_run_launcher_is_built_from_the_profile_without_a_cluster(tmp_path):
@@ -148,15 +172,14 @@ def test_helm_values_carry_the_limits_of_the_k8s_profile():
     )
 
 
-@pytest.mark.parametrize(("name", "executor"), [("k8s", "k8s"), ("celery", "celery")])
-def test_code_location_runs_every_job_on_dagsters_executor_with_valid_config(name, executor):
-    defs = import_file(DEPLOY / name / "definitions.py").defs
+def test_k8s_code_location_runs_every_job_on_dagsters_executor_with_valid_config():
+    defs = import_file(DEPLOY / "k8s" / "definitions.py").defs
 
     Definitions.validate_loadable(defs)
     job = defs.resolve_implicit_global_asset_job_def()
-    assert job.executor_def.name == executor
+    assert job.executor_def.name == "k8s"
     resolved = validate_run_config(job, {})  # the executor's configured values against its own schema
-    assert set(resolved["execution"]) == {executor}
+    assert set(resolved["execution"]) == {"k8s"}
 
 
 def test_k8s_executor_gives_the_store_step_its_own_pod_resources():
@@ -166,20 +189,3 @@ def test_k8s_executor_gives_the_store_step_its_own_pod_resources():
 
     assert config["max_concurrent"] == 2
     assert config["per_step_k8s_config"]["stored_video"]["container_config"]["resources"]["limits"] == {"memory": "1Gi"}
-
-
-def test_celery_workers_and_runs_read_one_broker_from_the_same_file(tmp_path, monkeypatch):
-    celery_yaml = DEPLOY / "celery" / "celery.yaml"
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
-    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-
-    # What `dagster-celery worker start -y celery.yaml` does first: validate the file and write the Celery config
-    # module the worker imports (env values resolved). `worker list/terminate -y` do not resolve {env: ...}.
-    worker_settings = import_file(Path(get_config_dir(str(celery_yaml))) / "dagster_celery_config.py")
-    run_config = validate_run_config(
-        import_file(DEPLOY / "celery" / "definitions.py").defs.resolve_implicit_global_asset_job_def(), {}
-    )["execution"]["celery"]
-
-    assert worker_settings.broker_url == run_config["broker"] == DEPLOYMENT_ENV["DAGSTER_CELERY_BROKER_URL"]
-    assert worker_settings.result_backend == run_config["backend"] == DEPLOYMENT_ENV["DAGSTER_CELERY_BACKEND_URL"]
-    assert worker_settings.worker_prefetch_multiplier == run_config["config_source"]["worker_prefetch_multiplier"] == 1

@@ -145,7 +145,7 @@ def run(stack: BenchStack, quick: bool) -> BenchResult:
     with tempfile.TemporaryDirectory(prefix="rivya-bench-calls-") as tmp:
         counts = _poller_counts(stack, size, Path(tmp))
     baseline = _baseline_polls_per_task(stack, size)
-    figures: dict[str, Figure] = {
+    figures: dict[str, Figure | dict[str, Figure]] = {
         **counts,
         "baseline_polls_per_task": baseline,
         "generation_seconds": GENERATION_SECONDS,

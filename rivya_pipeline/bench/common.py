@@ -25,7 +25,7 @@ class BenchResult:
     """One benchmark's figures (the JSON keys), what it ran, and each goal with whether this run met it."""
 
     name: str
-    figures: dict[str, Figure]
+    figures: dict[str, Figure | dict[str, Figure]]  # a dict: one variant's figures under its name (bench scale)
     setup: str
     goals: list[tuple[str, bool]] = field(default_factory=list)
     bounds: str = ""
@@ -36,7 +36,12 @@ class BenchResult:
     def text(self) -> str:
         width = max(len(key) for key in self.figures)
         lines = [f"{self.name}: {self.setup}"]
-        lines += [f"  {key.ljust(width)}  {value}" for key, value in self.figures.items()]
+        for key, value in self.figures.items():
+            if isinstance(value, dict):
+                lines.append(f"  {key}:")
+                lines += [f"    {name.ljust(width - 2)}  {figure}" for name, figure in value.items()]
+            else:
+                lines.append(f"  {key.ljust(width)}  {value}")
         lines += [f"  goal {'met ' if met else 'MISSED'}  {goal}" for goal, met in self.goals]
         if self.bounds:
             lines.append(f"  bound by: {self.bounds}")

@@ -10,7 +10,6 @@ download and store once per brief. The emulator finishes tasks at once.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -45,13 +44,41 @@ def write_briefs(folder: Path, count: int) -> None:
         )
 
 
-def _timed(command: list[str], *, env: dict[str, str], stdin: str = "") -> tuple[float, str]:
+def timed_command(command: list[str], *, env: dict[str, str], stdin: str = "") -> tuple[float, str]:
     started = time.perf_counter()
     done = subprocess.run(command, input=stdin, env=env, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:4])} exited {done.returncode}:\n{done.stderr[-3000:]}")
     return seconds, done.stdout
+
+
+def run_bare_script(stack: BenchStack, folder: Path, env: dict[str, str]) -> tuple[float, int]:
+    """`bench.bare_e2e` over the briefs of `folder` in a process of its own: (seconds, videos stored)."""
+    job = {
+        "api_url": stack.api_url,
+        "api_key": BENCH_API_KEY,
+        "s3_url": stack.s3_url,
+        "bucket": BENCH_BUCKET,
+        "briefs": [
+            {
+                "id": brief.id,
+                "key": f"bare-{brief.request.idempotency_key()}",
+                "model": brief.model,
+                "prompt": brief.prompt,
+                "params": brief.request.params,
+                "references": [
+                    {"path": str(ref.path), "name": ref.name, "mime_type": ref.mime_type}
+                    for ref in brief.request.references
+                ],
+            }
+            for brief in load_briefs(folder)
+        ],
+    }
+    seconds, output = timed_command(
+        [sys.executable, "-m", "rivya_pipeline.bench.bare_e2e"], env=env, stdin=json.dumps(job)
+    )
+    return seconds, json.loads(output)["stored"]
 
 
 def run(stack: BenchStack, quick: bool) -> BenchResult:
@@ -63,45 +90,17 @@ def run(stack: BenchStack, quick: bool) -> BenchResult:
         home.mkdir()
         (home / "dagster.yaml").write_text(INSTANCE_YAML)
         write_briefs(folder, count)
-        env = os.environ | {
-            "RIVYA_API_KEY": BENCH_API_KEY,
-            "RIVYA_BASE_URL": stack.api_url,
-            "RIVYA_ALLOW_LOCAL_MEDIA": "1",
-            "AWS_ENDPOINT_URL_S3": stack.s3_url,
-            "RIVYA_S3_BUCKET": BENCH_BUCKET,
-            "DAGSTER_HOME": str(home),
-        }
+        env = stack.pipeline_env() | {"DAGSTER_HOME": str(home)}
         command = [sys.executable, "-m", "rivya_pipeline.cli", "run", "--requests", str(folder), "--json"]
-        pipeline_seconds, output = _timed(command, env=env)
+        pipeline_seconds, output = timed_command(command, env=env)
         stored = sum(1 for outcome in json.loads(output).values() if outcome["status"] == "stored")
         with DagsterInstance.from_config(str(home)) as instance:
             runs = instance.get_runs_count()
-        floor_seconds, _ = _timed([sys.executable, "-m", "rivya_pipeline.bench.dagster_floor", str(runs)], env=env)
-
-        job = {
-            "api_url": stack.api_url,
-            "api_key": BENCH_API_KEY,
-            "s3_url": stack.s3_url,
-            "bucket": BENCH_BUCKET,
-            "briefs": [
-                {
-                    "id": brief.id,
-                    "key": f"bare-{brief.request.idempotency_key()}",
-                    "model": brief.model,
-                    "prompt": brief.prompt,
-                    "params": brief.request.params,
-                    "references": [
-                        {"path": str(ref.path), "name": ref.name, "mime_type": ref.mime_type}
-                        for ref in brief.request.references
-                    ],
-                }
-                for brief in load_briefs(folder)
-            ],
-        }
-        bare_seconds, output = _timed(
-            [sys.executable, "-m", "rivya_pipeline.bench.bare_e2e"], env=env, stdin=json.dumps(job)
+        floor_seconds, _ = timed_command(
+            [sys.executable, "-m", "rivya_pipeline.bench.dagster_floor", str(runs)], env=env
         )
-        bare_stored = json.loads(output)["stored"]
+
+        bare_seconds, bare_stored = run_bare_script(stack, folder, env)
     stack.empty_bucket()
     ratio = pipeline_seconds / bare_seconds
     floor_ratio = floor_seconds / bare_seconds

@@ -13,8 +13,17 @@ from .common import BenchResult
 from .stack import BenchStack
 
 
-def run_benchmarks(names: Sequence[str], *, quick: bool, as_json: bool, transfer_mb: int | None = None) -> int:
-    """Run `names` (from BENCHMARKS) in order on one stack; `transfer_mb` overrides the transfer's video size (MiB)."""
+def run_benchmarks(
+    names: Sequence[str],
+    *,
+    quick: bool,
+    as_json: bool,
+    transfer_mb: int | None = None,
+    scale_briefs: int | None = None,
+    scale_profile: str | None = None,
+) -> int:
+    """Run `names` (from BENCHMARKS) in order on one stack; `transfer_mb` overrides the transfer's video size (MiB),
+    `scale_briefs` and `scale_profile` the briefs and the one profile of `scale`."""
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
         raise ValueError(f"unknown benchmarks {unknown}; known: {', '.join(BENCHMARKS)}")
@@ -23,7 +32,10 @@ def run_benchmarks(names: Sequence[str], *, quick: bool, as_json: bool, transfer
     with BenchStack() as stack:
         for name in names:
             print(f"bench {name}{' (quick)' if quick else ''} ...", file=sys.stderr, flush=True)
-            options = {"mebibytes": transfer_mb} if name == "transfer" else {}
+            options = {
+                "transfer": {"mebibytes": transfer_mb},
+                "scale": {"briefs": scale_briefs, "profile": scale_profile},
+            }.get(name, {})
             benchmark = importlib.import_module(f"{__package__}.{name}")
             results[name] = benchmark.run(stack, quick, **options)
             if not as_json:

@@ -87,6 +87,16 @@ class BenchStack:
         response.raise_for_status()
         return response.json()
 
+    def pipeline_env(self) -> dict[str, str]:
+        """The environment of a pipeline process (the CLI, a daemon, a worker) on this stack's emulator and bucket."""
+        return dict(os.environ) | {
+            "RIVYA_API_KEY": BENCH_API_KEY,
+            "RIVYA_BASE_URL": self.api_url,
+            "RIVYA_ALLOW_LOCAL_MEDIA": "1",
+            "AWS_ENDPOINT_URL_S3": self.s3_url,
+            "RIVYA_S3_BUCKET": BENCH_BUCKET,
+        }
+
     def client(self, **options: Any) -> RivyaClient:
         return RivyaClient(BENCH_API_KEY, self.api_url, **options)
 

@@ -37,6 +37,7 @@ TICK_TIME_BUDGET_SECONDS = 20.0
 MAX_POLLS_PER_TICK = 1000
 MAX_STORE_REQUESTS_PER_TICK = 200
 PARTITION_TAG = "dagster/partition"  # the tag Dagster puts on every run of one partition
+MAX_RETRIES_TAG = "dagster/max_retries"  # on a run: overrides the instance's run_retries.max_retries
 MAX_STORE_ATTEMPTS = 3  # storing is free; after 3 failed runs a person looks (the runs say why)
 # Longer than any create can take (the client gives up within ~3 min), so a create still in flight is never
 # re-sent; also the pause after a failed re-send run. Six of them cover an outage of about an hour.
@@ -63,12 +64,15 @@ def run_in_progress(instance: DagsterInstance, brief_id: str, asset: AssetsDefin
 
 
 def store_run_request(record: TaskRecord, failed_attempts: int) -> RunRequest:
-    """Keyed by task id and attempt: a run key blocks forever, so a failed store gets a fresh key (bounded)."""
+    """Keyed by task id and attempt: a run key blocks forever, so a failed store gets a fresh key (bounded).
+
+    This sensor is the one retrier of store runs, whatever ended them (a failed step or a dead worker): the
+    instance's run retries are off for them, or both would store the same video at once after a worker died."""
     return RunRequest(
         run_key=f"{record.task_id}:store" + (f":retry{failed_attempts}" if failed_attempts else ""),
         partition_key=record.brief_id,
         asset_selection=[stored_video.key],
-        tags={TASK_TAG: record.accepted_task_id},
+        tags={TASK_TAG: record.accepted_task_id, MAX_RETRIES_TAG: "0"},
     )
 
 

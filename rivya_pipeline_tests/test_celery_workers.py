@@ -1,0 +1,335 @@
+"""Warm workers (deploy/celery/dagster.yaml), executed: the Dagster daemon and two Celery workers on this machine's
+RabbitMQ and PostgreSQL take a batch of briefs from the folder to S3, through a kill -9 of the pool process that
+runs a paid submit and of the one that runs a store.
+
+Nothing is driven by the test but the emulator's faults and the two kills: the discovery schedule (every minute)
+launches the submit runs, the sensor the store runs, the run queue sends them to the workers, run monitoring
+finds the dead pool processes, and run retries and the sensor put the work back. Only intervals are shortened,
+in the instance's config. Every process the test starts is killed when it ends, whatever happened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+import pytest
+from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
+from dagster._core.storage.tags import PARENT_RUN_ID_TAG, RUN_KEY_TAG
+from kombu.connection import Connection
+
+from rivya_pipeline.cli import EXIT_INVALID, main
+from rivya_pipeline.defs.inputs import TASK_TAG
+from rivya_pipeline.defs.resources import PAID_CREATE_POOL, default_ledger_url
+from rivya_pipeline.defs.sensors import PARTITION_TAG, UNFINISHED
+from rivya_pipeline.emulator import FaultRule, RivyaEmulator
+from rivya_pipeline.ledger import Ledger
+from rivya_pipeline.settings import Settings
+from rivya_pipeline.workers import (
+    CELERY_PROFILE,
+    CeleryTarget,
+    ServiceProcesses,
+    daemon_command,
+    delete_queue,
+    profile_with,
+)
+from rivya_pipeline_tests.fixtures_emulator import TEST_ACCOUNT, TEST_API_KEY, TEST_CREDITS
+from rivya_pipeline_tests.fixtures_postgres import pg_env
+from rivya_pipeline_tests.helpers import KLING_PRICE, s3_bytes, s3_keys
+from rivya_pipeline_tests.pipeline_process import settings_env
+
+BROKER = "pyamqp://guest@127.0.0.1:5672//"
+BRIEFS = [f"warm-{index}" for index in range(6)]
+WORKERS = 2  # one pool process each: at most two runs execute at once, which makes the moments to kill findable
+EVERY_MINUTE = "* * * * *"
+# Long enough to outlast what the other pool process does meanwhile on a loaded machine; the kill ends them sooner.
+STALL_SECONDS = 240.0
+TRICKLE_BYTES_PER_SECOND = 4000  # a result video (about 700 kB) then takes minutes to download
+# Generous: the first discovery tick alone is up to a minute away, and the machine is shared.
+DEADLINE_SECONDS = 300.0
+POLL_SECONDS = 0.5
+INSTANCE_OVERRIDES = {
+    "run_monitoring": {"poll_interval_seconds": 1, "free_slots_after_run_end_seconds": 1},
+}
+STORED_VIDEO = AssetKey("stored_video")
+CLI = Path(sys.executable).with_name("rivya-pipeline")
+STARTED_PID = re.compile(r"Started process for run \(pid: (\d+)\)")
+T = TypeVar("T")
+
+
+def broker_queue_name() -> str:
+    """A queue of this test's own: other stacks may share the broker, and must never take its runs."""
+    return f"rivya-test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def celery_target(pg_database: str) -> Iterator[CeleryTarget]:
+    try:
+        with Connection(BROKER, connect_timeout=5) as connection:
+            connection.ensure_connection(max_retries=1)
+    except OSError as exc:
+        pytest.skip(f"RabbitMQ at 127.0.0.1:5672 is unreachable: {exc}")
+    backend = f"db+postgresql+psycopg2://postgres@127.0.0.1:5432/{pg_database}"
+    target = CeleryTarget(broker=BROKER, backend=backend, queue=broker_queue_name())
+    yield target
+    delete_queue(target)
+
+
+@pytest.fixture
+def celery_home(tmp_path: Path, celery_target: CeleryTarget) -> Path:
+    """DAGSTER_HOME with the profile; only the queue and the monitoring intervals differ."""
+    home = tmp_path / "celery_home"
+    home.mkdir()
+    overrides = INSTANCE_OVERRIDES | {"run_launcher": {"config": {"default_queue": celery_target.queue}}}
+    (home / "dagster.yaml").write_text(profile_with(CELERY_PROFILE, overrides), encoding="utf-8")
+    return home
+
+
+@pytest.fixture
+def settings(pipeline_settings: Settings, tmp_path: Path) -> Settings:
+    """Six text-only briefs in a folder of their own; discovery every minute; the ledger follows the instance."""
+    folder = tmp_path / "warm_briefs"
+    folder.mkdir()
+    for index, brief_id in enumerate(BRIEFS):
+        (folder / f"{brief_id}.yaml").write_text(
+            f"id: {brief_id}\nprompt: Take {index} of a paper kite over a windy beach at dawn.\n"
+            "params: {duration: 5, aspect_ratio: '16:9'}\n",
+            encoding="utf-8",
+        )
+    return dataclasses.replace(
+        pipeline_settings,
+        requests_path=folder,
+        ledger_url=None,
+        discovery_cron=EVERY_MINUTE,
+        request_timeout_seconds=STALL_SECONDS * 2,  # the stalled create waits for its kill, not for a client timeout
+    )
+
+
+@pytest.fixture
+def deployment_env(
+    celery_home: Path, celery_target: CeleryTarget, pg_database: str, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str]:
+    """What every machine of the deployment sets (this process too, which opens the same instance)."""
+    env = pg_env(pg_database) | {
+        "DAGSTER_HOME": str(celery_home),
+        "DAGSTER_CELERY_BROKER_URL": celery_target.broker,
+        "DAGSTER_CELERY_BACKEND_URL": celery_target.backend,
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.fixture
+def instance(deployment_env: dict[str, str]) -> Iterator[DagsterInstance]:
+    """The deployment's instance and ledger, created here before any other process opens them."""
+    with DagsterInstance.from_config(deployment_env["DAGSTER_HOME"]) as instance:
+        Ledger(default_ledger_url(instance)).close()
+        yield instance
+
+
+@pytest.fixture
+def services(
+    settings: Settings,
+    deployment_env: dict[str, str],
+    celery_target: CeleryTarget,
+    instance: DagsterInstance,
+    tmp_path: Path,
+) -> Iterator[ServiceProcesses]:
+    """The daemon and two workers, configured as a deployment is: through their environment only."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("RIVYA_", "DAGSTER_"))}
+    env = inherited | settings_env(settings) | deployment_env | {"RIVYA_API_KEY": TEST_API_KEY}
+    processes = ServiceProcesses(env, log_dir=tmp_path / "logs")
+    try:
+        processes.start("daemon", daemon_command())
+        processes.start("workers", [str(CLI), "workers", "--count", str(WORKERS), "--concurrency", "1"])
+        yield processes
+    finally:
+        processes.stop()
+
+
+def wait_for(condition: Callable[[], T | None], what: str, services: ServiceProcesses) -> T:
+    """Polls until `condition()` gives something; fails at once if a service died, and after the deadline."""
+    give_up = time.monotonic() + DEADLINE_SECONDS
+    while True:
+        value = condition()
+        if value:
+            return value
+        if services.exited():
+            raise AssertionError(f"a service exited while waiting for {what}: {services.exited()}; {services.log_dir}")
+        if time.monotonic() > give_up:
+            raise AssertionError(f"gave up waiting for {what} after {DEADLINE_SECONDS:.0f} s; {services.log_dir}")
+        time.sleep(POLL_SECONDS)
+
+
+def stored_briefs(instance: DagsterInstance) -> set[str]:
+    return set(instance.get_materialized_partitions(STORED_VIDEO))
+
+
+def started_store_runs(instance: DagsterInstance) -> list[DagsterRun]:
+    runs = instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED]))
+    return [run for run in runs if run.asset_selection and STORED_VIDEO in run.asset_selection]
+
+
+def the_stalled_submit(instance: DagsterInstance, ledger: Ledger, emulator: RivyaEmulator) -> str | None:
+    """The run whose create Rivya performed and charged but has not answered, once every other brief got its
+    answer: then it is the only submit still in flight (the other pool process did the other five)."""
+    if emulator.stats()["faults_injected"].get("create_generation:lost_response") != 1:
+        return None
+    records = [ledger.latest_for_brief(brief_id) for brief_id in BRIEFS]
+    unanswered = [record.brief_id for record in records if record is not None and record.task_id is None]
+    answered = [record for record in records if record is not None and record.task_id is not None]
+    if len(unanswered) != 1 or len(answered) != len(BRIEFS) - 1:
+        return None
+    runs = instance.get_runs(RunsFilter(tags={PARTITION_TAG: unanswered[0]}, statuses=[DagsterRunStatus.STARTED]))
+    return runs[0].run_id if len(runs) == 1 else None
+
+
+def the_trickling_store(instance: DagsterInstance, emulator: RivyaEmulator) -> str | None:
+    """The store run whose download is trickling, once every other brief is stored: the only store run left."""
+    if emulator.stats()["faults_injected"].get("media:trickle") != 1:
+        return None
+    runs = started_store_runs(instance)
+    if len(stored_briefs(instance)) == len(BRIEFS) - 1 and len(runs) == 1:
+        return runs[0].run_id
+    return None
+
+
+def kill_the_pool_process_of(instance: DagsterInstance, run_id: str, services: ServiceProcesses) -> int:
+    """kill -9 of the process that executes the run: a pool process of this test's workers (checked)."""
+    pids = [int(m.group(1)) for event in instance.all_logs(run_id) if (m := STARTED_PID.match(event.message or ""))]
+    (pid,) = pids
+    process = psutil.Process(pid)
+    workers = services.processes["workers"].pid
+    assert workers in {parent.pid for parent in process.parents()}, f"pid {pid} is not a pool process of a worker"
+    process.kill()
+    process.wait(timeout=30)
+    return pid
+
+
+def failed_by_monitoring(instance: DagsterInstance, run_id: str) -> bool:
+    run = instance.get_run_by_id(run_id)
+    if run is None or run.status != DagsterRunStatus.FAILURE:
+        return False
+    return any("Detected run worker status FAILED" in (event.message or "") for event in instance.all_logs(run_id))
+
+
+def generation_actions(instance: DagsterInstance, brief_id: str) -> list[str]:
+    """`action` of every generation_task materialization of a brief, oldest first (submitted, resend, ...)."""
+    records = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=AssetKey("generation_task"), asset_partitions=[brief_id]), limit=10, ascending=True
+    ).records
+    return [str(record.asset_materialization.metadata["action"].value) for record in records]
+
+
+def pool_is_free(instance: DagsterInstance) -> bool:
+    info = instance.event_log_storage.get_concurrency_info(PAID_CREATE_POOL)
+    return not info.claimed_slots and not info.pending_steps
+
+
+def s3_videos(s3_bucket: tuple[Any, str], prefix: str) -> dict[str, list[str]]:
+    """brief id -> the keys of its video objects (.mp4) under the prefix."""
+    videos: dict[str, list[str]] = {}
+    for key in s3_keys(s3_bucket, f"{prefix}/"):
+        if key.endswith(".mp4"):
+            videos.setdefault(key.split("/")[-2], []).append(key)
+    return videos
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_workers_and_the_daemon_store_every_brief_once_through_two_kills(
+    settings: Settings,
+    services: ServiceProcesses,
+    instance: DagsterInstance,
+    emulator: RivyaEmulator,
+    s3_bucket: tuple[Any, str],
+) -> None:
+    emulator.set_faults(
+        [FaultRule(endpoint="create_generation", kind="lost_response", lost_as="stall", delay=STALL_SECONDS, times=1)]
+    )
+    ledger = Ledger(default_ledger_url(instance))
+    try:
+        # A paid submit in flight: Rivya has created and charged its task; the run has not heard the answer.
+        submit_run = wait_for(lambda: the_stalled_submit(instance, ledger, emulator), "the stalled create", services)
+        stalled_brief = instance.get_run_by_id(submit_run).tags[PARTITION_TAG]
+        kill_the_pool_process_of(instance, submit_run, services)
+        emulator.set_faults(
+            [FaultRule(endpoint="media", kind="trickle", bytes_per_second=TRICKLE_BYTES_PER_SECOND, times=1)]
+        )
+        wait_for(lambda: failed_by_monitoring(instance, submit_run), "monitoring to fail the submit", services)
+
+        # A store in flight: its download has begun and will take minutes.
+        store_run = wait_for(lambda: the_trickling_store(instance, emulator), "the trickling store", services)
+        kill_the_pool_process_of(instance, store_run, services)
+        wait_for(lambda: failed_by_monitoring(instance, store_run), "monitoring to fail the store", services)
+
+        wait_for(lambda: stored_briefs(instance) == set(BRIEFS), "every brief stored", services)
+        wait_for(lambda: pool_is_free(instance), "the killed submit's pool slot back", services)
+        wait_for(lambda: not instance.get_runs(RunsFilter(statuses=UNFINISHED)), "the run queue empty", services)
+        records = {brief_id: ledger.latest_for_brief(brief_id) for brief_id in BRIEFS}
+    finally:
+        ledger.close()
+    runs = instance.get_runs()
+    healed_submit = generation_actions(instance, stalled_brief)
+    killed_store_task = instance.get_run_by_id(store_run).tags[TASK_TAG]
+
+    # Nothing bought twice: one charge per brief, the killed create answered by replaying it under its key.
+    stats = emulator.stats()
+    charges = stats["charges"]
+    assert sorted(charge["task_id"] for charge in charges) == sorted(record.task_id for record in records.values())
+    assert [charge["credits"] for charge in charges] == [KLING_PRICE] * len(BRIEFS)
+    assert stats["wallets"][TEST_ACCOUNT] == TEST_CREDITS - KLING_PRICE * len(BRIEFS)
+    assert stats["creates_performed"] == len(BRIEFS) and stats["idempotent_replays"] >= 1
+    assert healed_submit[-1] == "resend"  # the retried run re-sent the recorded create; Rivya replayed its task
+    (submit_retry,) = [run for run in runs if run.tags.get(PARENT_RUN_ID_TAG) == submit_run]  # Dagster's run retry
+    assert submit_retry.status == DagsterRunStatus.SUCCESS
+
+    # Nothing lost: one video per brief in S3, the bytes the ledger recorded.
+    videos = s3_videos(s3_bucket, settings.s3_prefix)
+    assert {brief_id: len(keys) for brief_id, keys in videos.items()} == dict.fromkeys(BRIEFS, 1)
+    for brief_id, (key,) in videos.items():
+        record = records[brief_id]
+        assert key.endswith(f"/{brief_id}/{record.task_id}.mp4")
+        assert hashlib.sha256(s3_bytes(s3_bucket, key)).hexdigest() == record.stored_sha256
+
+    # Every run but the two whose pool process was killed succeeded; those two were failed by run monitoring.
+    failed = {run.run_id for run in runs if run.status != DagsterRunStatus.SUCCESS}
+    assert failed == {submit_run, store_run}
+    # The dead store was stored again once, by the sensor's store retry (Dagster does not retry store runs).
+    stores = [run for run in runs if run.tags.get(TASK_TAG) == killed_store_task]
+    assert sorted(run.tags[RUN_KEY_TAG].rsplit(":", 1)[-1] for run in stores) == ["retry1", "store"]
+
+
+# -- what `rivya-pipeline workers` refuses ------------------------------------------------------------------------
+
+
+def test_workers_refuse_an_instance_whose_runs_would_never_reach_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))  # the default instance: a new process per run, no broker
+    monkeypatch.setenv("RIVYA_API_KEY", TEST_API_KEY)
+
+    assert main(["workers"]) == EXIT_INVALID
+
+    error = capsys.readouterr().err
+    assert "No workers started" in error and "DefaultRunLauncher" in error
+    assert "deploy/celery/dagster.yaml" in error
+
+
+def test_workers_refuse_a_base_url_without_a_key(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    monkeypatch.delenv("RIVYA_API_KEY", raising=False)
+    monkeypatch.setenv("RIVYA_BASE_URL", "https://rivya.example")
+
+    assert main(["workers"]) == EXIT_INVALID
+
+    assert "refusing to guess a key" in capsys.readouterr().err
