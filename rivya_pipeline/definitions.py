@@ -25,7 +25,8 @@ from .defs.resources import (
     from_settings,
 )
 from .defs.schedules import build_discovery_schedule
-from .defs.sensors import pending_generation_tasks
+from .defs.sensors import pending_generation_tasks, resend_job, store_video_job
+from .defs.store_batch import store_videos
 from .settings import Settings
 
 ASSETS = [video_brief, reference_uploads, generation_task, stored_video]
@@ -52,6 +53,7 @@ def build_definitions(
     settings = settings or Settings.from_env()
     return Definitions(
         assets=ASSETS,
+        jobs=[store_videos, store_video_job, resend_job],
         sensors=[pending_generation_tasks],
         schedules=[build_discovery_schedule(settings.discovery_cron)],
         resources=build_resources(settings),

@@ -29,6 +29,8 @@ from .definitions import ASSETS, build_resources
 from .defs.assets import BATCH_TAG, generation_task, reference_uploads, stored_video, video_brief
 from .defs.inputs import TASK_TAG
 from .defs.schedules import add_brief_partitions
+from .defs.sensors import STORE_BATCH_SIZE
+from .defs.store_batch import store_videos, store_videos_run_config
 from .defs.video_qc import QcFailure, qc_failures
 from .ledger import Ledger, TaskRecord
 from .polling import TaskPoller
@@ -160,18 +162,38 @@ class HeadlessRun:
     def _poll_and_store(
         self, poller: TaskPoller, waiting: dict[str, str], outcomes: dict[str, BriefOutcome], deadline: float
     ) -> None:
-        """Polls until every waiting task ends, storing each success at once; leaves the rest in `waiting`."""
+        """Polls until every waiting task ends, storing the videos of each round's successes in store_videos
+        batches (as the sensor does); leaves the rest in `waiting`."""
         while waiting and time.monotonic() < deadline:
             poller.poll_due(time_budget_seconds=max(1.0, deadline - time.monotonic()))
+            ended = {}
             for brief_id, key in list(waiting.items()):
                 record = self.ledger.get(key)
-                if record is None or record.status in PENDING_STATUSES:
-                    continue
-                del waiting[brief_id]
-                if record.status == TaskStatus.SUCCEEDED and not record.stored_uri:
-                    self._materialize([stored_video], brief_id, outcomes[brief_id], {TASK_TAG: record.accepted_task_id})
-                outcomes[brief_id].update(self.ledger.get(key))
+                if record is not None and record.status not in PENDING_STATUSES:
+                    ended[brief_id] = record
+                    del waiting[brief_id]
+            to_store = [r for r in ended.values() if r.status == TaskStatus.SUCCEEDED and not r.stored_uri]
+            self._store(to_store, outcomes)
+            for brief_id, record in ended.items():
+                outcomes[brief_id].update(self.ledger.get(record.idempotency_key))
                 if outcomes[brief_id].status == TaskStatus.SUCCEEDED:  # the store step failed: say so
                     outcomes[brief_id].status = "store_failed"
             if waiting:
                 time.sleep(POLL_IDLE_SECONDS)
+
+    def _store(self, records: list[TaskRecord], outcomes: dict[str, BriefOutcome]) -> None:
+        """Batches first; a video a batch did not store is retried alone, which also gives its own error."""
+        for start in range(0, len(records), STORE_BATCH_SIZE):
+            batch = records[start : start + STORE_BATCH_SIZE]
+            store_videos.execute_in_process(
+                run_config={**QUIET_LOGS, **store_videos_run_config([r.accepted_task_id for r in batch])},
+                instance=self.instance,
+                resources=self.resources,
+                tags={BATCH_TAG: self.batch},
+                raise_on_error=False,
+            )
+            for record in batch:
+                stored = self.ledger.get(record.idempotency_key)
+                if stored is None or stored.stored_uri is None:
+                    tags = {TASK_TAG: record.accepted_task_id}
+                    self._materialize([stored_video], record.brief_id, outcomes[record.brief_id], tags)

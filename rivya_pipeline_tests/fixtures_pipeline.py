@@ -23,12 +23,15 @@ from dagster._core.definitions.schedule_definition import ScheduleExecutionData
 from dagster._core.definitions.sensor_definition import SensorExecutionData
 
 from rivya_pipeline.definitions import build_definitions, build_resources
-from rivya_pipeline.defs.assets import generation_task, reference_uploads, video_brief
+from rivya_pipeline.defs.assets import generation_task, reference_uploads, stored_video, video_brief
+from rivya_pipeline.defs.inputs import TASK_TAG
+from rivya_pipeline.defs.store_batch import STORE_VIDEOS_JOB, batched_task_ids
 from rivya_pipeline.emulator import RivyaEmulator
-from rivya_pipeline.headless import materialize_brief
+from rivya_pipeline.headless import QUIET_LOGS, materialize_brief
 from rivya_pipeline.ledger import Ledger
 from rivya_pipeline.settings import REPO_ROOT, Settings
 from rivya_pipeline_tests.fixtures_emulator import TEST_API_KEY
+from rivya_pipeline_tests.helpers import metadata_values
 
 SUBMIT_SELECTION = [video_brief, reference_uploads, generation_task]
 SAMPLE_BRIEFS = ("city-morph", "product-spin", "sunrise-timelapse")
@@ -72,10 +75,27 @@ class Pipeline:
         self.add_partitions([brief_id])
         return self.materialize(SUBMIT_SELECTION, brief_id, tags, **kwargs)
 
-    def store(self, request: RunRequest, raise_on_error: bool = True) -> ExecuteInProcessResult:
-        """Launch what the sensor asked for, as the daemon would: its partition, assets and tags."""
-        selection = [key.to_user_string() for key in request.asset_selection]
-        return self.materialize(selection, request.partition_key, dict(request.tags), raise_on_error)
+    def launch(self, request: RunRequest, raise_on_error: bool = True) -> ExecuteInProcessResult:
+        """Launch what the sensor asked for, as the daemon would: its job, partition, config and tags."""
+        job = self.definitions.resolve_job_def(str(request.job_name))
+        return job.execute_in_process(
+            run_config={**QUIET_LOGS, **request.run_config},
+            instance=self.instance,
+            partition_key=request.partition_key,
+            tags=dict(request.tags),
+            raise_on_error=raise_on_error,
+        )
+
+    def store_requests(self, ticks: list[SensorExecutionData]) -> dict[str, RunRequest]:
+        """brief id -> the latest request to store its video: a store_videos batch or a store_video run of its own."""
+        by_brief = {}
+        for request in (r for tick in ticks for r in tick.run_requests):
+            if request.job_name == STORE_VIDEOS_JOB:
+                for task_id in batched_task_ids(request.run_config):
+                    by_brief[self.ledger.find_by_task(task_id).brief_id] = request
+            elif request.tags.get(TASK_TAG):
+                by_brief[request.partition_key] = request
+        return by_brief
 
     def add_partitions(self, brief_ids: list[str]) -> None:
         known = set(self.instance.get_dynamic_partitions("briefs"))
@@ -121,9 +141,13 @@ class Pipeline:
         return path
 
 
-def store_requests(ticks: list[SensorExecutionData]) -> dict[str, RunRequest]:
-    """brief id -> the latest store request the sensor made for it."""
-    return {r.partition_key: r for tick in ticks for r in tick.run_requests}
+def stored_videos(result: ExecuteInProcessResult) -> dict[str, dict[str, Any]]:
+    """brief id -> the metadata of its stored_video materialization in a run (of one partition or a batch)."""
+    return {
+        str(event.partition): metadata_values(event.materialization)
+        for event in result.get_asset_materialization_events()
+        if event.asset_key == stored_video.key
+    }
 
 
 @pytest.fixture

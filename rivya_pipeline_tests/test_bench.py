@@ -104,7 +104,9 @@ def test_scale_stores_every_brief_once_under_every_profile_this_machine_runs(rep
     for name in measured:
         profile = figures[name]
         assert (profile["stored"], profile["duplicate_charges"]) == (scale.QUICK_BRIEFS, 0)
-        assert profile["runs"] == 2 * scale.QUICK_BRIEFS  # a submit run and a store run per brief
+        # A submit run per brief; the stores in store_videos batches, none of them retried alone in a clean run.
+        assert 1 <= profile["store_batch_runs"] <= scale.QUICK_BRIEFS
+        assert profile["runs"] == scale.QUICK_BRIEFS + profile["store_batch_runs"]
         assert profile["seconds_per_brief"] == pytest.approx(profile["seconds"] / scale.QUICK_BRIEFS, abs=0.01)
         assert profile["cpu_seconds"] > 0
     assert figures["seconds_per_brief"] == min(figures[name]["seconds_per_brief"] for name in measured)

@@ -31,6 +31,7 @@ from rivya_pipeline.cli import EXIT_INVALID, main
 from rivya_pipeline.defs.inputs import TASK_TAG
 from rivya_pipeline.defs.resources import PAID_CREATE_POOL, default_ledger_url
 from rivya_pipeline.defs.sensors import PARTITION_TAG, UNFINISHED
+from rivya_pipeline.defs.store_batch import STORE_VIDEOS_JOB, batched_task_ids
 from rivya_pipeline.emulator import FaultRule, RivyaEmulator
 from rivya_pipeline.ledger import Ledger
 from rivya_pipeline.settings import Settings
@@ -175,9 +176,16 @@ def stored_briefs(instance: DagsterInstance) -> set[str]:
     return set(instance.get_materialized_partitions(STORED_VIDEO))
 
 
-def started_store_runs(instance: DagsterInstance) -> list[DagsterRun]:
-    runs = instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED]))
-    return [run for run in runs if run.asset_selection and STORED_VIDEO in run.asset_selection]
+def stored_tasks_of(run: DagsterRun) -> set[str]:
+    """The tasks whose videos a run stores: a store_videos batch's, or a store_video run's one."""
+    if run.job_name == STORE_VIDEOS_JOB:
+        return set(batched_task_ids(run.run_config))
+    return {run.tags[TASK_TAG]} if TASK_TAG in run.tags else set()
+
+
+def unstored_tasks(ledger: Ledger) -> set[str]:
+    records = [ledger.latest_for_brief(brief_id) for brief_id in BRIEFS]
+    return {record.task_id for record in records if record and record.task_id and not record.stored_uri}
 
 
 def the_stalled_submit(instance: DagsterInstance, ledger: Ledger, emulator: RivyaEmulator) -> str | None:
@@ -194,12 +202,15 @@ def the_stalled_submit(instance: DagsterInstance, ledger: Ledger, emulator: Rivy
     return runs[0].run_id if len(runs) == 1 else None
 
 
-def the_trickling_store(instance: DagsterInstance, emulator: RivyaEmulator) -> str | None:
-    """The store run whose download is trickling, once every other brief is stored: the only store run left."""
+def the_trickling_store(instance: DagsterInstance, ledger: Ledger, emulator: RivyaEmulator) -> str | None:
+    """The store run whose download is trickling, once it is the only store run left and holds every video not
+    stored yet (a batch may hold others behind the trickling one)."""
     if emulator.stats()["faults_injected"].get("media:trickle") != 1:
         return None
-    runs = started_store_runs(instance)
-    if len(stored_briefs(instance)) == len(BRIEFS) - 1 and len(runs) == 1:
+    started = instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED]))
+    runs = [run for run in started if stored_tasks_of(run)]
+    unstored = unstored_tasks(ledger)
+    if len(runs) == 1 and unstored and unstored <= stored_tasks_of(runs[0]):
         return runs[0].run_id
     return None
 
@@ -270,7 +281,8 @@ def test_two_workers_and_the_daemon_store_every_brief_once_through_two_kills(
         wait_for(lambda: failed_by_monitoring(instance, submit_run), "monitoring to fail the submit", services)
 
         # A store in flight: its download has begun and will take minutes.
-        store_run = wait_for(lambda: the_trickling_store(instance, emulator), "the trickling store", services)
+        store_run = wait_for(lambda: the_trickling_store(instance, ledger, emulator), "the trickling store", services)
+        killed_store_tasks = unstored_tasks(ledger)
         kill_the_pool_process_of(instance, store_run, services)
         wait_for(lambda: failed_by_monitoring(instance, store_run), "monitoring to fail the store", services)
 
@@ -282,7 +294,6 @@ def test_two_workers_and_the_daemon_store_every_brief_once_through_two_kills(
         ledger.close()
     runs = instance.get_runs()
     healed_submit = generation_actions(instance, stalled_brief)
-    killed_store_task = instance.get_run_by_id(store_run).tags[TASK_TAG]
 
     # Nothing bought twice: one charge per brief, the killed create answered by replaying it under its key.
     stats = emulator.stats()
@@ -306,9 +317,13 @@ def test_two_workers_and_the_daemon_store_every_brief_once_through_two_kills(
     # Every run but the two whose pool process was killed succeeded; those two were failed by run monitoring.
     failed = {run.run_id for run in runs if run.status != DagsterRunStatus.SUCCESS}
     assert failed == {submit_run, store_run}
-    # The dead store was stored again once, by the sensor's store retry (Dagster does not retry store runs).
-    stores = [run for run in runs if run.tags.get(TASK_TAG) == killed_store_task]
-    assert sorted(run.tags[RUN_KEY_TAG].rsplit(":", 1)[-1] for run in stores) == ["retry1", "store"]
+    # Each video the dead store had not stored was stored once more, alone, by the sensor's store retry (Dagster
+    # does not retry store runs); the other videos were stored in batches.
+    assert killed_store_tasks
+    retried = {run.tags[TASK_TAG]: run for run in runs if run.tags.get(TASK_TAG) in killed_store_tasks}
+    assert retried.keys() == killed_store_tasks
+    assert {run.tags[RUN_KEY_TAG] for run in retried.values()} == {f"{task}:store" for task in killed_store_tasks}
+    assert any(run.job_name == STORE_VIDEOS_JOB for run in runs)
 
 
 # -- what `rivya-pipeline workers` refuses ------------------------------------------------------------------------

@@ -53,7 +53,7 @@ from rivya_pipeline.rivya import RetryPolicy as ClientRetryPolicy
 from rivya_pipeline.settings import Settings
 from rivya_pipeline.storage import VideoStore, make_s3_client
 from rivya_pipeline_tests.fixtures_emulator import TEST_ACCOUNT, TEST_CREDITS
-from rivya_pipeline_tests.fixtures_pipeline import FAST_LIFECYCLE, SUBMIT_SELECTION, Pipeline, store_requests
+from rivya_pipeline_tests.fixtures_pipeline import FAST_LIFECYCLE, SUBMIT_SELECTION, Pipeline, stored_videos
 from rivya_pipeline_tests.helpers import KLING_PRICE, materialization
 from rivya_pipeline_tests.pipeline_process import (
     RunProcess,
@@ -227,8 +227,8 @@ def test_kill_during_the_transfer_leaves_no_object_and_the_next_run_stores_it(
     emulator = configure_emulator(**FAST_LIFECYCLE, result_min_bytes=RESULT_BYTES)
     pipeline = make_pipeline(s3_chunk_mb=SMALLEST_PART_MB)
     pipeline.submit(TEXT_BRIEF)
-    (request,) = store_requests(pipeline.tick_until(store_requests)).values()
-    task_id = request.tags[TASK_TAG]
+    (request,) = pipeline.store_requests(pipeline.tick_until(pipeline.store_requests)).values()
+    task_id = pipeline.ledger.latest_for_brief(TEXT_BRIEF).task_id
     client, bucket = s3_bucket
     store = VideoStore(make_s3_client(pipeline.settings.s3_endpoint_url), bucket, pipeline.settings.s3_prefix)
     video_key = store.video_key(TEXT_BRIEF, task_id)
@@ -237,7 +237,7 @@ def test_kill_during_the_transfer_leaves_no_object_and_the_next_run_stores_it(
     )
 
     env = run_env(pipeline.settings, pipeline.instance)
-    process = start_run(env, ["stored_video"], TEXT_BRIEF, tmp_path / "outcome.json", tags=dict(request.tags))
+    process = start_run(env, ["stored_video"], TEXT_BRIEF, tmp_path / "outcome.json", tags={TASK_TAG: task_id})
     if phase == "downloading":  # bytes are flowing; the first part is still seconds away from S3
         wait_until(lambda: emulator.stats()["media_bytes_served"] > 0, process, "the download")
     else:  # a multipart upload is open and receiving parts
@@ -249,7 +249,7 @@ def test_kill_during_the_transfer_leaves_no_object_and_the_next_run_stores_it(
     listed = client.list_objects_v2(Bucket=bucket, Prefix=f"{pipeline.settings.s3_prefix}/{TEXT_BRIEF}/")
     assert listed.get("Contents", []) == []  # no partial video, no sidecar
 
-    stored = materialization(pipeline.store(request), "stored_video")
+    stored = stored_videos(pipeline.launch(request))[TEXT_BRIEF]  # the sensor's batch, launched after the kill
 
     video = client.get_object(Bucket=bucket, Key=video_key)["Body"].read()
     sidecar = json.loads(client.get_object(Bucket=bucket, Key=store.sidecar_key(TEXT_BRIEF, task_id))["Body"].read())
@@ -329,10 +329,10 @@ def test_sensor_resends_a_create_left_unanswered_and_it_is_paid_once(pipeline, e
     set_sensor_clock(monkeypatch, record.submitted_at + RESEND_AFTER + timedelta(seconds=1))
     (request,) = pipeline.tick().run_requests
     assert (request.run_key, request.partition_key) == (f"{record.idempotency_key}:resend:0", REFERENCE_BRIEF)
-    assert request.asset_selection == [generation_task.key]
+    assert request.job_name == "resend_generation_task"
 
     shutil.rmtree(pipeline.instance.storage_directory())  # the re-send runs elsewhere: no step output of the first
-    resent = materialization(pipeline.store(request), "generation_task")
+    resent = materialization(pipeline.launch(request), "generation_task")
 
     assert (resent["action"], resent["idempotency_key"]) == ("resend", record.idempotency_key)
     assert charges(emulator) == [(resent["task_id"], KLING_PRICE)]
@@ -346,7 +346,7 @@ def test_resends_are_spaced_after_a_failed_one_and_bounded(pipeline, emulator, m
     set_sensor_clock(monkeypatch, record.submitted_at + RESEND_AFTER + timedelta(seconds=1))
     (first,) = pipeline.tick().run_requests
     emulator.set_faults([FaultRule(endpoint="create_generation", kind="rate_limited", retry_after=0)])  # Rivya down
-    assert not pipeline.store(first, raise_on_error=False).success
+    assert not pipeline.launch(first, raise_on_error=False).success
     (failed_run,) = pipeline.instance.get_run_records(RunsFilter(tags={RESEND_TAG: record.idempotency_key}))
     ended = datetime.fromtimestamp(failed_run.end_time, UTC)
 
@@ -369,7 +369,7 @@ def test_a_resend_run_sends_nothing_once_the_brief_asks_for_something_else(pipel
     set_sensor_clock(monkeypatch, record.submitted_at + RESEND_AFTER + timedelta(seconds=1))
     (request,) = pipeline.tick().run_requests
 
-    refused = pipeline.store(request, raise_on_error=False)
+    refused = pipeline.launch(request, raise_on_error=False)
 
     assert failure_text(refused).startswith(f"This run was to re-send the unanswered create {record.idempotency_key}")
     assert emulator.stats()["requests"]["create_generation"] == CLIENT_ATTEMPTS  # only the first run's loop

@@ -29,14 +29,13 @@ from rivya_pipeline.briefs import load_briefs
 from rivya_pipeline.definitions import ASSETS, build_definitions, build_resources
 from rivya_pipeline.defs import resources
 from rivya_pipeline.defs.assets import BATCH_TAG, STORED_VIDEO_CHECKS, generation_task
-from rivya_pipeline.defs.inputs import TASK_TAG
 from rivya_pipeline.defs.resources import RivyaResource
 from rivya_pipeline.defs.sensors import MAX_STORE_ATTEMPTS
 from rivya_pipeline.emulator import FAIL_MARKER, FaultRule
 from rivya_pipeline.headless import HeadlessRun, failure_text
 from rivya_pipeline.settings import REPO_ROOT, Settings
 from rivya_pipeline_tests.fixtures_emulator import TEST_API_KEY, TEST_CREDITS
-from rivya_pipeline_tests.fixtures_pipeline import SAMPLE_BRIEFS, store_requests
+from rivya_pipeline_tests.fixtures_pipeline import SAMPLE_BRIEFS, stored_videos
 from rivya_pipeline_tests.helpers import KLING_PRICE, materialization, metadata_values, s3_bytes, s3_keys
 
 CHECK_NAMES = {spec.name for spec in STORED_VIDEO_CHECKS}
@@ -70,21 +69,19 @@ def observations(ticks, status: str) -> list[dict]:
 def test_sample_briefs_end_in_s3_with_passing_checks(pipeline, emulator, s3_bucket):
     briefs = {b.id: b for b in load_briefs(pipeline.requests_path)}
     submits = {brief_id: pipeline.submit(brief_id) for brief_id in SAMPLE_BRIEFS}
-    requests = store_requests(pipeline.tick_until(lambda ticks: store_requests(ticks).keys() == set(SAMPLE_BRIEFS)))
+    ticks = pipeline.tick_until(lambda ticks: pipeline.store_requests(ticks).keys() == set(SAMPLE_BRIEFS))
+    (request,) = {r.run_key: r for r in pipeline.store_requests(ticks[-1:]).values()}.values()
+    result = pipeline.launch(request)  # one store_videos run for the three videos
 
     prefix = pipeline.settings.s3_prefix
-    for brief_id, request in requests.items():
-        task_id = request.tags[TASK_TAG]
+    assert stored_videos(result).keys() == set(SAMPLE_BRIEFS)
+    for brief_id, stored in stored_videos(result).items():
+        task_id = stored["task_id"]
         assert task_id == materialization(submits[brief_id], "generation_task")["task_id"]
-        assert request.run_key == f"{task_id}:store"
-        result = pipeline.store(request)
-
         video_key, sidecar_key = f"{prefix}/{brief_id}/{task_id}.mp4", f"{prefix}/{brief_id}/{task_id}.json"
         picture_keys = [f"{prefix}/{brief_id}/{task_id}.{kind}.jpg" for kind in ("poster", "sheet")]
         assert sorted(s3_keys(s3_bucket, f"{prefix}/{brief_id}/")) == sorted([sidecar_key, video_key, *picture_keys])
         video_sha256 = hashlib.sha256(s3_bytes(s3_bucket, video_key)).hexdigest()
-        stored = materialization(result, "stored_video")
-        assert stored["task_id"] == task_id
         assert stored["s3_uri"] == f"s3://{s3_bucket[1]}/{video_key}"
         assert stored["sha256"] == video_sha256
         assert stored["duration_seconds"] == float(briefs[brief_id].request.params["duration"])
@@ -98,9 +95,8 @@ def test_sample_briefs_end_in_s3_with_passing_checks(pipeline, emulator, s3_buck
         assert (sidecar["task_id"], sidecar["final_credits"], sidecar["sha256"]) == (task_id, KLING_PRICE, video_sha256)
         assert TEST_API_KEY not in sidecar_text
 
-        assert {(c.check_name, c.passed) for c in result.get_asset_check_evaluations()} == {
-            (name, True) for name in CHECK_NAMES
-        }
+        evaluations = [c for c in result.get_asset_check_evaluations() if c.partition == brief_id]
+        assert sorted((c.check_name, c.passed) for c in evaluations) == sorted((name, True) for name in CHECK_NAMES)
         recorded = pipeline.instance.event_log_storage.get_latest_asset_check_execution_by_key(
             [AssetCheckKey(AssetKey("stored_video"), name) for name in CHECK_NAMES],
             partition_filter=PartitionKeyFilter(key=brief_id),
@@ -163,9 +159,9 @@ def test_store_run_needs_nothing_from_the_machine_that_ran_the_submit(pipeline, 
     storage = Path(pipeline.instance.storage_directory())
     assert pickled_outputs(storage) == []  # inputs come from the briefs folder, the event log and the ledger
     shutil.rmtree(storage, ignore_errors=True)  # the submit's machine is gone
-    (request,) = store_requests(pipeline.tick_until(store_requests)).values()
+    (request,) = pipeline.store_requests(pipeline.tick_until(pipeline.store_requests)).values()
 
-    stored = materialization(pipeline.store(request), "stored_video")
+    stored = stored_videos(pipeline.launch(request))["product-spin"]
 
     assert stored["task_id"] == task_id
     assert stored["s3_uri"].endswith(f"/product-spin/{task_id}.mp4")
@@ -316,14 +312,14 @@ def test_run_that_fails_before_its_first_step_reports_why(pipeline, emulator, mo
 
 def test_sensor_requests_the_same_store_run_on_every_tick_until_stored(pipeline):
     pipeline.submit("sunrise-timelapse")
-    (request,) = store_requests(pipeline.tick_until(store_requests)).values()
+    (request,) = pipeline.store_requests(pipeline.tick_until(pipeline.store_requests)).values()
 
     again = pipeline.tick()
-    assert [(r.run_key, r.partition_key, r.tags[TASK_TAG]) for r in again.run_requests] == [
-        (request.run_key, request.partition_key, request.tags[TASK_TAG])
+    assert [(r.run_key, r.job_name, r.run_config) for r in again.run_requests] == [
+        (request.run_key, "store_videos", request.run_config)
     ]
 
-    pipeline.store(request)
+    pipeline.launch(request)
     after = pipeline.tick()
     assert after.run_requests == []
     assert after.skip_message
@@ -434,23 +430,23 @@ def test_every_resource_field_has_a_description_for_the_ui():
     assert [name for name, has_one in described.items() if not has_one] == []
 
 
-def test_failed_store_run_is_requested_again_under_a_new_key_at_most_three_times(pipeline):
-    pipeline.submit("sunrise-timelapse")
-    (first,) = store_requests(pipeline.tick_until(store_requests)).values()
+def test_a_video_a_batch_did_not_store_is_retried_alone_under_a_new_key_at_most_three_times(pipeline):
+    task_id = materialization(pipeline.submit("sunrise-timelapse"), "generation_task")["task_id"]
+    (first,) = pipeline.store_requests(pipeline.tick_until(pipeline.store_requests)).values()
     pipeline.emulator.set_faults([FaultRule(endpoint="media", kind="server_error")])
 
     keys = [first.run_key]
     request = first
-    for _ in range(MAX_STORE_ATTEMPTS):
-        assert not pipeline.store(request, raise_on_error=False).success
+    for _ in range(1 + MAX_STORE_ATTEMPTS):  # the batch, then each attempt alone
+        assert not pipeline.launch(request, raise_on_error=False).success
         retries = pipeline.tick().run_requests
         if not retries:
             break
         (request,) = retries
         keys.append(request.run_key)
 
-    task_id = first.tags[TASK_TAG]
-    assert keys == [f"{task_id}:store", f"{task_id}:store:retry1", f"{task_id}:store:retry2"]
+    assert first.job_name == "store_videos"
+    assert keys == [first.run_key, f"{task_id}:store", f"{task_id}:store:retry1", f"{task_id}:store:retry2"]
     assert pipeline.ledger.find_by_task(task_id).stored_uri is None
 
 
@@ -467,4 +463,4 @@ def test_no_store_run_is_requested_while_a_run_of_the_partition_is_storing(pipel
     assert pipeline.tick().run_requests == []
 
     pipeline.instance.report_run_failed(manual)
-    assert [r.partition_key for r in pipeline.tick().run_requests] == ["sunrise-timelapse"]
+    assert pipeline.store_requests([pipeline.tick()]).keys() == {"sunrise-timelapse"}

@@ -7,7 +7,6 @@ that says whether a retry can help.
 
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 from dagster import (
     AssetCheckSpec,
@@ -23,12 +22,9 @@ from dagster import (
 )
 
 from ..briefs import Brief
-from ..delivery import deliver_video
 from ..ledger import BudgetExceeded, StaleSubmission
-from ..polling import TaskDeadlineExceeded, wait_for_terminal
-from ..rivya import FileObject, TaskStatus
-from ..rivya.media import MediaFetchError
-from ..submission import SubmissionError, record_news, submit
+from ..rivya import FileObject
+from ..submission import SubmissionError, submit
 from . import events
 from .inputs import BRIEF_LOADER, TASK_LOADER, UPLOADS_LOADER, TaskHandle
 from .resources import (
@@ -40,7 +36,8 @@ from .resources import (
     VideoQcResource,
     VideoStorageResource,
 )
-from .video_qc import QC_CHECKS, picture_metadata, qc_check_results
+from .storing import StoredVideo, store_video
+from .video_qc import QC_CHECKS
 
 BRIEF_PARTITIONS = "briefs"  # the dynamic partitions: one per brief id
 briefs_partitions = DynamicPartitionsDefinition(name=BRIEF_PARTITIONS)
@@ -175,46 +172,16 @@ def stored_video(
     video_storage: VideoStorageResource,
     video_qc: VideoQcResource,
 ) -> Iterator[AssetObservation | MaterializeResult]:
-    handle = generation_task
-    try:
-        task = wait_for_terminal(
-            rivya.client(), handle.task_id, submitted_at=handle.submitted_at, deadline_at=handle.deadline_at
-        )
-    except TaskDeadlineExceeded as exc:
-        raise Failure(str(exc), allow_retries=False) from None
-    tasks = ledger.for_instance(context.instance)
-    if record_news(tasks, task):  # this step saw the end before the sensor did
-        yield events.generation_task_observation(handle.brief_id, task)  # yielded, not logged: kept if the step fails
-    if task.status == TaskStatus.FAILED:
-        error = task.error.code if task.error else "generation_failed"
-        raise Failure(
-            f"Task {task.id} failed ({error}); {task.refunded_credits} credits refunded. Nothing stored.",
-            allow_retries=False,
-        )
-    with rivya.media_fetcher() as fetcher, refused_media_reported(task.id):
-        delivery = deliver_video(
-            task=task,
-            brief_id=handle.brief_id,
-            fetcher=fetcher,
-            store=video_storage.store(),
-            lineage=events.sidecar_lineage(handle, context.run_id),
-            qc_thresholds=video_qc.thresholds(),
-        )
-    tasks.mark_stored(task.id, uri=delivery.video.uri, sha256=delivery.video.sha256)
-    yield MaterializeResult(
-        metadata={**events.stored_video_metadata(delivery, task, handle), **picture_metadata(delivery)},
-        check_results=[
-            *events.stored_video_checks(delivery, handle),
-            *qc_check_results(delivery, handle, video_qc.thresholds()),
-        ],
+    stores = store_video(
+        generation_task,
+        run_id=context.run_id,
+        tasks=ledger.for_instance(context.instance),
+        rivya=rivya,
+        video_storage=video_storage,
+        video_qc=video_qc,
     )
-
-
-@contextmanager
-def refused_media_reported(task_id: str) -> Iterator[None]:
-    """A result URL the rules refuse is a Failure that says so; only a transient fetch error may be retried."""
-    try:
-        yield
-    except MediaFetchError as exc:
-        transient = exc.reason in ("http_status", "transport")
-        raise Failure(f"Result video of task {task_id} not stored: {exc}", allow_retries=transient) from None
+    for event in stores:
+        if isinstance(event, StoredVideo):
+            yield MaterializeResult(metadata=event.metadata, check_results=event.checks)
+        else:
+            yield event

@@ -15,6 +15,7 @@ from typing import Any, cast
 from dagster import AssetRecordsFilter, Failure, InputContext, input_manager
 
 from ..briefs import Brief
+from ..ledger import TaskRecord
 from ..rivya import FileObject
 
 TASK_TAG = "rivya/task_id"  # on a store run: the task whose video it stores
@@ -68,7 +69,11 @@ def task_from_ledger(context: InputContext) -> TaskHandle:
     ledger = context.resources.ledger.for_instance(context.instance)
     brief_id = context.asset_partition_key
     task_id = context.step_context.run_tags.get(TASK_TAG)
-    record = ledger.find_by_task(task_id) if task_id else ledger.latest_for_brief(brief_id)
+    return task_handle(ledger.find_by_task(task_id) if task_id else ledger.latest_for_brief(brief_id), brief_id)
+
+
+def task_handle(record: TaskRecord | None, brief_id: str) -> TaskHandle:
+    """The handle of a submitted task's ledger record; a Failure when the brief has no submitted task."""
     if record is None or record.task_id is None or record.deadline_at is None:
         raise Failure(
             f"The ledger holds no submitted task for brief {brief_id!r}: materialize generation_task first.",

@@ -2,15 +2,18 @@
 
 The ledger's `next_poll_at` is the durable cursor: a tick polls what is due (bounded in count and
 time, far under the 60 s tick limit), and whatever it did not reach stays due for the next tick.
-Store runs are requested from the ledger's "succeeded, not stored" rows on every tick, keyed by task
-id, so a tick that dies before its result is saved loses nothing and launches nothing twice; a store
-run that failed is requested again under a new key, up to three times.
+Stores are requested from the ledger's "succeeded, not stored" rows on every tick: first in `store_videos` runs of
+up to STORE_BATCH_SIZE videos (store_batch.py), keyed by their task ids, so a tick that dies before its result is
+saved loses nothing and launches nothing twice. A video that a batch did not store (its run failed, or died) is
+then retried alone in `store_video` runs of its partition, each under a new key, up to three times.
 
 A create that never got its answer (the run died, or gave up on a transient error) would otherwise wait
 for a person: the sensor requests a generation_task run that re-sends it under the same Idempotency-Key
 (Rivya answers with the task it may already have charged), spaced and bounded like the store runs.
 """
 
+import hashlib
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from dagster import (
@@ -23,19 +26,25 @@ from dagster import (
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
+    define_asset_job,
     sensor,
 )
 
 from ..ledger import RESEND_WINDOW, TaskRecord, TaskTracker
 from ..settings import utc_now
-from .assets import RESEND_TAG, generation_task, stored_video
+from .assets import RESEND_TAG, briefs_partitions, generation_task, stored_video
 from .events import poll_observations
 from .inputs import TASK_TAG
 from .resources import LedgerResource, RivyaResource
+from .store_batch import STORE_VIDEOS_JOB, batched_task_ids, store_videos, store_videos_run_config
 
 TICK_TIME_BUDGET_SECONDS = 20.0
 MAX_POLLS_PER_TICK = 1000
 MAX_STORE_REQUESTS_PER_TICK = 200
+# Videos per store_videos run: a tick's stores spread over a few runs, so workers store them side by side.
+STORE_BATCH_SIZE = 10
+# How far back the sensor looks for store_videos runs that did not store all their videos.
+BATCH_LOOKBACK = timedelta(days=2)
 PARTITION_TAG = "dagster/partition"  # the tag Dagster puts on every run of one partition
 MAX_RETRIES_TAG = "dagster/max_retries"  # on a run: overrides the instance's run_retries.max_retries
 MAX_STORE_ATTEMPTS = 3  # storing is free; after 3 failed runs a person looks (the runs say why)
@@ -51,6 +60,21 @@ UNFINISHED = [
     DagsterRunStatus.STARTING,
     DagsterRunStatus.STARTED,
 ]
+
+
+# One partition per run: a video retried alone, a re-sent create.
+store_video_job = define_asset_job(
+    "store_video",
+    selection=[stored_video],
+    partitions_def=briefs_partitions,
+    description="Stores one brief's video: a retry of a video that a store_videos batch did not store.",
+)
+resend_job = define_asset_job(
+    "resend_generation_task",
+    selection=[generation_task],
+    partitions_def=briefs_partitions,
+    description="Re-sends one brief's unanswered create under its Idempotency-Key (Rivya answers with its task).",
+)
 
 
 def failed_store_runs(instance: DagsterInstance, task_id: str) -> int:
@@ -70,10 +94,53 @@ def store_run_request(record: TaskRecord, failed_attempts: int) -> RunRequest:
     instance's run retries are off for them, or both would store the same video at once after a worker died."""
     return RunRequest(
         run_key=f"{record.task_id}:store" + (f":retry{failed_attempts}" if failed_attempts else ""),
+        job_name=store_video_job.name,
         partition_key=record.brief_id,
-        asset_selection=[stored_video.key],
         tags={TASK_TAG: record.accepted_task_id, MAX_RETRIES_TAG: "0"},
     )
+
+
+def store_batch_request(records: Sequence[TaskRecord]) -> RunRequest:
+    """Keyed by the batch's task ids: the same batch is never launched twice."""
+    task_ids = [record.accepted_task_id for record in records]
+    digest = hashlib.sha256("\n".join(task_ids).encode()).hexdigest()[:16]
+    return RunRequest(
+        run_key=f"store-batch:{digest}",
+        job_name=STORE_VIDEOS_JOB,
+        run_config=store_videos_run_config(task_ids),
+        tags={MAX_RETRIES_TAG: "0"},
+    )
+
+
+def batched_tasks(instance: DagsterInstance, now: datetime) -> dict[str, bool]:
+    """Task id -> whether its store_videos run is still going, for the recent batch runs that are unfinished or
+    failed (a batch that succeeded stored all its videos)."""
+    runs = instance.get_runs(
+        RunsFilter(job_name=STORE_VIDEOS_JOB, statuses=UNFINISHED + FAILED, created_after=now - BATCH_LOOKBACK)
+    )
+    going: dict[str, bool] = {}
+    for run in runs:
+        for task_id in batched_task_ids(run.run_config):
+            going[task_id] = going.get(task_id, False) or run.status in UNFINISHED
+    return going
+
+
+def store_requests(instance: DagsterInstance, tasks: TaskTracker, now: datetime) -> list[RunRequest]:
+    """Batches for videos not tried yet; a run of its own for each video a batch did not store."""
+    batched = batched_tasks(instance, now)
+    requests, to_batch = [], []
+    for record in tasks.succeeded_unstored(limit=MAX_STORE_REQUESTS_PER_TICK):
+        task_id = record.accepted_task_id
+        if batched.get(task_id) or run_in_progress(instance, record.brief_id, stored_video):
+            continue
+        failed = failed_store_runs(instance, task_id)
+        if task_id not in batched and not failed:
+            to_batch.append(record)
+        elif failed < MAX_STORE_ATTEMPTS:
+            requests.append(store_run_request(record, failed))
+    for start in range(0, len(to_batch), STORE_BATCH_SIZE):
+        requests.append(store_batch_request(to_batch[start : start + STORE_BATCH_SIZE]))
+    return requests
 
 
 def resend_requests(instance: DagsterInstance, tasks: TaskTracker, now: datetime) -> list[RunRequest]:
@@ -98,8 +165,8 @@ def resend_requests(instance: DagsterInstance, tasks: TaskTracker, now: datetime
         requests.append(
             RunRequest(
                 run_key=f"{record.idempotency_key}:resend:{len(failed)}",
+                job_name=resend_job.name,
                 partition_key=record.brief_id,
-                asset_selection=[generation_task.key],
                 tags={RESEND_TAG: record.idempotency_key},
             )
         )
@@ -109,12 +176,12 @@ def resend_requests(instance: DagsterInstance, tasks: TaskTracker, now: datetime
 @sensor(
     name="pending_generation_tasks",
     minimum_interval_seconds=5,
-    asset_selection=[generation_task, stored_video],
+    jobs=[store_videos, store_video_job, resend_job],
     default_status=DefaultSensorStatus.RUNNING,
     # Plain text: the sensor page shows descriptions as typed (no Markdown, unlike asset pages).
     description="Polls Rivya for tasks that have no stored video yet (documented cadence, bounded per tick), "
-    "records status changes, reports failures with their refund and tasks past their deadline, and requests a "
-    "stored_video run for each succeeded task.",
+    "records status changes, reports failures with their refund and tasks past their deadline, and stores the "
+    "videos of succeeded tasks in store_videos batches (a video a batch did not store is retried alone).",
 )
 def pending_generation_tasks(
     context: SensorEvaluationContext, rivya: RivyaResource, ledger: LedgerResource
@@ -128,14 +195,8 @@ def pending_generation_tasks(
         )
     for record in report.timed_out:
         context.log.warning(f"task {record.task_id} (brief {record.brief_id}) passed its deadline; no longer polled")
-    run_requests = []
-    for record in tasks.succeeded_unstored(limit=MAX_STORE_REQUESTS_PER_TICK):
-        if run_in_progress(context.instance, record.brief_id, stored_video):
-            continue
-        failed = failed_store_runs(context.instance, record.accepted_task_id)
-        if failed < MAX_STORE_ATTEMPTS:
-            run_requests.append(store_run_request(record, failed))
-    run_requests += resend_requests(context.instance, tasks, utc_now())
+    now = utc_now()
+    run_requests = store_requests(context.instance, tasks, now) + resend_requests(context.instance, tasks, now)
     events = poll_observations(report)
     if not run_requests and not events:
         return SkipReason(f"polled {report.polled} task(s), no status changes")
