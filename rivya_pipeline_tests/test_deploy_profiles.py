@@ -94,8 +94,9 @@ def test_profile_is_an_instance_config_dagster_accepts_class_by_class(name, tmp_
     }
     classes = {part: validated(data)[0].__name__ for part, data in parts.items()}
     launcher = {"production": "DefaultRunLauncher", "celery": "CeleryRunLauncher", "k8s": "K8sRunLauncher"}[name]
+    storage = "PooledPostgresStorage" if name == "celery" else "DagsterPostgresStorage"  # a subclass: see that one
     assert classes == {
-        "storage": "DagsterPostgresStorage",
+        "storage": storage,
         "run_coordinator": "QueuedRunCoordinator",
         "run_launcher": launcher,
     }
@@ -113,8 +114,14 @@ def test_k8s_profile_is_the_production_profile_with_its_run_launcher():
 def test_celery_profile_is_the_production_profile_with_its_launcher_and_dead_worker_settings():
     production, profile = loaded_yaml(PROFILES["production"]), loaded_yaml(PROFILES["celery"])
 
-    unchanged = {k: v for k, v in profile.items() if k not in ("run_launcher", "run_monitoring")}
-    assert unchanged == {k: v for k, v in production.items() if k != "run_monitoring"}
+    unchanged = {k: v for k, v in profile.items() if k not in ("storage", "run_launcher", "run_monitoring")}
+    assert unchanged == {k: v for k, v in production.items() if k not in ("storage", "run_monitoring")}
+    # the same PostgreSQL storage and config, on pooled connections (rivya_pipeline/pooled_postgres.py)
+    assert profile["storage"]["custom"] == {
+        "module": "rivya_pipeline.pooled_postgres",
+        "class": "PooledPostgresStorage",
+        "config": production["storage"]["postgres"],
+    }
     monitoring = profile["run_monitoring"]
     assert {k: monitoring[k] for k in production["run_monitoring"] if k != "poll_interval_seconds"} == {
         k: v for k, v in production["run_monitoring"].items() if k != "poll_interval_seconds"

@@ -15,11 +15,14 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
+import psycopg2
 import pytest
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 from dagster._core.storage.tags import RUN_FAILURE_REASON_TAG, WILL_RETRY_TAG
@@ -286,3 +289,52 @@ def test_profile_re_runs_a_dead_worker_but_never_a_step_that_refused_to_spend(
     assert failure_text(refused).startswith("Not submitted")
     with connected(pg_database) as conn:  # the ledger that refused lives in the instance's own database
         assert conn.execute(text("SELECT count(*) FROM rivya_tasks")).scalar() == 0
+
+
+CALLS = 20
+
+
+def connections_of_storage_calls(home: Path) -> tuple[int, int]:
+    """(connections opened by CALLS run-storage and CALLS event-log calls, connections left open after dispose)."""
+    opened = 0
+    real_connect = psycopg2.connect
+
+    def counting_connect(*args: Any, **kwargs: Any) -> Any:
+        nonlocal opened
+        opened += 1
+        return real_connect(*args, **kwargs)
+
+    with DagsterInstance.from_config(str(home)) as instance:
+        instance.get_runs_count()  # the storages exist and their tables are checked: not counted
+        with mock.patch.object(psycopg2, "connect", counting_connect):
+            for _ in range(CALLS):
+                instance.get_runs_count()
+                instance.get_materialized_partitions(AssetKey("stored_video"))
+    return opened, open_connections(os.environ["DAGSTER_PG_DB"])
+
+
+def open_connections(database: str) -> int:
+    """Connections to `database` other than this query's own, once PostgreSQL has seen closed ones go."""
+    with connected(database) as conn:
+        query = text("SELECT count(*) FROM pg_stat_activity WHERE datname = :db AND pid <> pg_backend_pid()")
+        for _ in range(50):
+            count = conn.execute(query, {"db": database}).scalar_one()
+            if count == 0:
+                break
+            time.sleep(0.1)
+        return count
+
+
+@pytest.mark.postgres
+def test_celery_profile_keeps_its_connections_and_gives_them_back_on_dispose(postgres_home, monkeypatch):
+    """Plain dagster-postgres connects once per call (a PostgreSQL process forked each time); the warm workers'
+    profile reuses pooled connections, and a disposed instance (a run that ended on a worker) holds none."""
+    monkeypatch.setenv("DAGSTER_CELERY_BROKER_URL", "pyamqp://guest@127.0.0.1:5672//")
+    monkeypatch.setenv("DAGSTER_CELERY_BACKEND_URL", "rpc://")  # the launcher is built, never used
+    plain = connections_of_storage_calls(postgres_home)
+    shutil.copy(REPO_ROOT / "deploy" / "celery" / "dagster.yaml", postgres_home / "dagster.yaml")
+
+    pooled = connections_of_storage_calls(postgres_home)
+
+    assert plain[0] >= 2 * CALLS and plain[1] == 0  # at least one connection per call
+    assert pooled[0] <= 2 and pooled[1] == 0  # one per pooled storage
