@@ -38,8 +38,9 @@ MISSING_BUCKET = "rivya-no-such-bucket"
 
 
 def canary_emulator(configure_emulator, *faults: FaultRule):
-    """The emulator accepting only the canary key; the first result download fails (an exception to search)."""
-    media_error = FaultRule(endpoint="media", kind="server_error", times=1)
+    """The emulator accepting only the canary key; the first video's download fails in its batch and again when it is
+    retried alone (an exception to search)."""
+    media_error = FaultRule(endpoint="media", kind="server_error", times=2)
     return configure_emulator(**FAST_LIFECYCLE, api_keys=[ApiKeyConfig(key=CANARY_KEY)], faults=[media_error, *faults])
 
 
