@@ -21,7 +21,14 @@ BENCH = [sys.executable, "-m", "rivya_pipeline.cli", "bench"]
 TRANSFER_MB = 40  # the size option, in the place of the quick default
 
 README_KEYS = {  # what the README's Benchmarks table reads from `bench all --json`
-    "poll": {"tick_seconds", "sequential_seconds", "speedup", "max_observed_rps", "cpu_ms_per_poll"},
+    "poll": {
+        "tick_seconds",
+        "sequential_seconds",
+        "speedup",
+        "max_observed_rps",
+        "cpu_ms_per_poll",
+        "httpx_floor_cpu_ms_per_request",
+    },
     "transfer": {"peak_rss_mb", "mb_per_s", "baseline_mb_per_s", "ratio"},
     "e2e": {"pipeline_seconds", "bare_seconds", "ratio"},
     "calls": {"polls_per_task"},
@@ -58,6 +65,9 @@ def test_poll_polls_every_due_task_once_within_the_rate(report):
     assert 0 < figures["max_observed_rps"] <= figures["configured_rps"]
     assert figures["backlog_tasks"] == poll.QUICK["backlog_tasks"] and figures["backlog_unpolled"] == 0
     assert figures["backlog_ticks"] >= 1 and figures["backlog_max_observed_rps"] <= figures["configured_rps"]
+    floor = figures["httpx_floor_cpu_ms_per_request"]
+    assert floor > 0
+    assert figures["cpu_ratio_to_httpx_floor"] == pytest.approx(figures["cpu_ms_per_poll"] / floor, abs=0.01)
 
 
 def test_transfer_stores_the_whole_video_intact(report):
