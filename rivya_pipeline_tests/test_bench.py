@@ -82,7 +82,8 @@ def test_e2e_stores_every_brief_on_both_sides(report):
     figures = report["e2e"]
     assert figures["pipeline_stored"] == figures["bare_stored"] == e2e.QUICK_BRIEFS
     assert figures["ratio"] == pytest.approx(figures["pipeline_seconds"] / figures["bare_seconds"], rel=0.02)
-    assert figures["dagster_runs"] == 2 * e2e.QUICK_BRIEFS  # a submit run and a store run per brief
+    # a submit run per brief, and the stores in one store_videos batch or more (a batch per poll round)
+    assert e2e.QUICK_BRIEFS + 1 <= figures["dagster_runs"] <= 2 * e2e.QUICK_BRIEFS
     assert 0 < figures["dagster_floor_seconds"] < figures["pipeline_seconds"]
     assert figures["floor_ratio"] == pytest.approx(figures["dagster_floor_seconds"] / figures["bare_seconds"], rel=0.02)
 

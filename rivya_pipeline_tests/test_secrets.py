@@ -25,7 +25,7 @@ from rivya_pipeline.headless import HeadlessRun
 from rivya_pipeline.settings import REPO_ROOT
 from rivya_pipeline_tests.fixtures_emulator import TEST_ACCOUNT
 from rivya_pipeline_tests.fixtures_pipeline import FAST_LIFECYCLE, SAMPLE_BRIEFS
-from rivya_pipeline_tests.helpers import s3_bytes, s3_keys
+from rivya_pipeline_tests.helpers import KLING_PRICE, s3_bytes, s3_keys
 from rivya_pipeline_tests.test_cli import EXIT_FAILED, cli_env, run_cli
 
 CANARY_SECRET = "CANARY_7f3a9c"  # noqa: S105 - a marker to search for, accepted only by the emulator
@@ -34,13 +34,14 @@ CANARY_KEY = f"rvya_sk_{CANARY_SECRET}"
 DOOMED_PROMPT = "A kite tangled in a tree"
 DOOMED_BRIEF = f'id: doomed-kite\nprompt: "{DOOMED_PROMPT} {FAIL_MARKER}"\nparams: {{duration: 3}}\n'
 UNPAID_BRIEF = 'id: unpaid-harbour\nprompt: "Boats in a harbour at dusk"\nparams: {duration: 3}\n'
+LATE_BRIEF = 'id: late-lantern\nprompt: "A paper lantern rising over a lake"\nparams: {duration: 3}\n'
 MISSING_BUCKET = "rivya-no-such-bucket"
 
 
 def canary_emulator(configure_emulator, *faults: FaultRule):
-    """The emulator accepting only the canary key; the first video's download fails in its batch and again when it is
-    retried alone (an exception to search)."""
-    media_error = FaultRule(endpoint="media", kind="server_error", times=2)
+    """The emulator accepting only the canary key; the first result download fails (an exception to search; the
+    video is stored when it is retried alone)."""
+    media_error = FaultRule(endpoint="media", kind="server_error", times=1)
     return configure_emulator(**FAST_LIFECYCLE, api_keys=[ApiKeyConfig(key=CANARY_KEY)], faults=[media_error, *faults])
 
 
@@ -96,24 +97,26 @@ def test_headless_run_with_failures_leaves_the_key_nowhere(
         o.brief_id: o
         for o in HeadlessRun(settings=pipeline.settings, instance=pipeline.instance).run(briefs, timeout_seconds=60)
     }
-    # Second run: the store that failed is retried into a bucket that does not exist, and a new brief meets an
-    # empty wallet, so an S3 error and a refused create join the failures.
-    (store_failed,) = [o.brief_id for o in first.values() if o.status == "store_failed"]
+    # Second run: a new brief is paid for with the wallet's last credits and stored into a bucket that does not
+    # exist, and the next meets the empty wallet, so an S3 error and a refused create join the failures.
+    pipeline.write_brief("late.yaml", LATE_BRIEF)
     pipeline.write_brief("unpaid.yaml", UNPAID_BRIEF)
-    emulator.set_credits(TEST_ACCOUNT, 0)
-    again = [b for b in load_briefs(pipeline.requests_path) if b.id in (store_failed, "unpaid-harbour")]
+    emulator.set_credits(TEST_ACCOUNT, KLING_PRICE)
+    by_id = {b.id: b for b in load_briefs(pipeline.requests_path)}
+    again = [by_id["late-lantern"], by_id["unpaid-harbour"]]  # submitted in this order
     broken = make_pipeline(s3_bucket=MISSING_BUCKET)
     second = {
         o.brief_id: o
         for o in HeadlessRun(settings=broken.settings, instance=broken.instance).run(again, timeout_seconds=60)
     }
 
-    assert {b: o.status for b, o in first.items()} == {
-        **dict.fromkeys(set(SAMPLE_BRIEFS) - {store_failed}, "stored"),
-        store_failed: "store_failed",
+    statuses = {b: o.status for b, o in [*first.items(), *second.items()]}
+    assert statuses == {
+        **dict.fromkeys(SAMPLE_BRIEFS, "stored"),  # the first download failed in its batch, then stored alone
         "doomed-kite": "failed",
+        "late-lantern": "store_failed",
+        "unpaid-harbour": "not_submitted",
     }
-    assert {b: o.status for b, o in second.items()} == {store_failed: "store_failed", "unpaid-harbour": "not_submitted"}
     errors = "\n".join(failure_texts(pipeline.instance))
     for expected in ("media host answered HTTP 502", "NoSuchBucket", "insufficient_credits"):
         assert expected in errors
@@ -125,7 +128,7 @@ def test_headless_run_with_failures_leaves_the_key_nowhere(
     assert CANARY_SECRET not in captured.out + captured.err
     assert caplog.records and CANARY_SECRET not in caplog.text
     assert all(CANARY_SECRET not in str(o) for o in [*first.values(), *second.values()])
-    stored = len(SAMPLE_BRIEFS) - 1
+    stored = len(SAMPLE_BRIEFS)
     objects_per_video = 4  # the video, its poster, its contact sheet and its sidecar
     read, sidecars = s3_objects_containing(s3_bucket, "dagster_run_id")
     assert (read, len(sidecars)) == (objects_per_video * stored, stored)
@@ -157,7 +160,8 @@ def test_cli_run_leaves_the_key_nowhere(tmp_path, configure_emulator, s3_bucket,
 
     assert done.returncode == EXIT_FAILED, done.stderr
     outcomes = json.loads(done.stdout)
-    assert sorted(o["status"] for o in outcomes.values()) == ["failed", "store_failed", "stored", "stored"]
+    # the first download failed in its batch and the video was stored when retried alone
+    assert sorted(o["status"] for o in outcomes.values()) == ["failed", "stored", "stored", "stored"]
     assert CANARY_SECRET not in done.stdout + done.stderr
     with DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
         assert len(instance.get_runs()) >= len(outcomes)
@@ -166,7 +170,7 @@ def test_cli_run_leaves_the_key_nowhere(tmp_path, configure_emulator, s3_bucket,
         assert instance_places(instance, CANARY_SECRET) == []
     assert any(Path(p).name.startswith("rivya_ledger.sqlite") for p in files_containing(home, DOOMED_PROMPT))
     assert files_containing(home, CANARY_SECRET) == []  # instance storage, compute logs and the ledger
-    assert s3_objects_containing(s3_bucket, CANARY_SECRET) == (8, [])  # two videos, each with 3 more objects
+    assert s3_objects_containing(s3_bucket, CANARY_SECRET) == (12, [])  # three videos, each with 3 more objects
     stats = emulator.stats()
     assert stats["media_requests"] > 0
     assert stats["media_authorization_headers_seen"] == 0
