@@ -25,30 +25,29 @@ POOL_MAX_OVERFLOW = 20
 NO_STATEMENT_TIMEOUT = 0
 
 
-def _pool(storage: PostgresRunStorage | PostgresEventLogStorage) -> None:
-    storage.optimize_for_webserver(
-        statement_timeout=NO_STATEMENT_TIMEOUT, pool_recycle=POOL_RECYCLE_SECONDS, max_overflow=POOL_MAX_OVERFLOW
-    )
+class _KeepsConnections:
+    """For a dagster-postgres storage: a pooled engine from the start, disposed with the storage."""
 
+    _engine: Any  # set by the storage, replaced by optimize_for_webserver
 
-class PooledPostgresRunStorage(PostgresRunStorage):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        _pool(self)
+        # the storage class this is mixed into has both methods
+        self.optimize_for_webserver(  # pyright: ignore[reportAttributeAccessIssue]
+            statement_timeout=NO_STATEMENT_TIMEOUT, pool_recycle=POOL_RECYCLE_SECONDS, max_overflow=POOL_MAX_OVERFLOW
+        )
 
     def dispose(self) -> None:
-        super().dispose()
+        super().dispose()  # pyright: ignore[reportAttributeAccessIssue]
         self._engine.dispose()
 
 
-class PooledPostgresEventLogStorage(PostgresEventLogStorage):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        _pool(self)
+class PooledPostgresRunStorage(_KeepsConnections, PostgresRunStorage):
+    pass
 
-    def dispose(self) -> None:
-        super().dispose()
-        self._engine.dispose()
+
+class PooledPostgresEventLogStorage(_KeepsConnections, PostgresEventLogStorage):
+    pass
 
 
 class PooledPostgresStorage(DagsterPostgresStorage):
