@@ -29,8 +29,7 @@ from .definitions import ASSETS, build_resources
 from .defs.assets import BATCH_TAG, generation_task, reference_uploads, stored_video, video_brief
 from .defs.inputs import TASK_TAG
 from .defs.schedules import add_brief_partitions
-from .defs.sensors import STORE_BATCH_SIZE
-from .defs.store_batch import store_videos, store_videos_run_config
+from .defs.store_batch import in_batches, store_videos, store_videos_run_config
 from .defs.video_qc import QcFailure, qc_failures
 from .ledger import Ledger, TaskRecord
 from .polling import TaskPoller
@@ -183,8 +182,7 @@ class HeadlessRun:
 
     def _store(self, records: list[TaskRecord], outcomes: dict[str, BriefOutcome]) -> None:
         """Batches first; a video a batch did not store is retried alone, which also gives its own error."""
-        for start in range(0, len(records), STORE_BATCH_SIZE):
-            batch = records[start : start + STORE_BATCH_SIZE]
+        for batch in in_batches(records):
             store_videos.execute_in_process(
                 run_config={**QUIET_LOGS, **store_videos_run_config([r.accepted_task_id for r in batch])},
                 instance=self.instance,

@@ -12,7 +12,7 @@ from dagster._core.storage.asset_check_execution_record import AssetCheckExecuti
 from dagster._core.test_utils import create_run_for_test
 
 from rivya_pipeline.briefs import load_briefs
-from rivya_pipeline.defs import sensors
+from rivya_pipeline.defs import store_batch
 from rivya_pipeline.defs.assets import STORED_VIDEO_CHECKS, stored_video
 from rivya_pipeline.defs.inputs import TASK_TAG
 from rivya_pipeline.defs.store_batch import STORE_FAILED, STORE_VIDEOS_JOB, batched_task_ids
@@ -123,7 +123,7 @@ def test_a_batch_leaves_a_video_stored_meanwhile_as_it_is(pipeline, s3_bucket):
 
 
 def test_sensor_spreads_stores_over_batches_and_never_asks_twice_for_a_video_in_one(pipeline, monkeypatch):
-    monkeypatch.setattr(sensors, "STORE_BATCH_SIZE", 2)
+    monkeypatch.setattr(store_batch, "STORE_BATCH_SIZE", 2)
     tasks = submit_all(pipeline)
     pipeline.tick_until(lambda ticks: len(pipeline.ledger.succeeded_unstored(limit=10)) == 3)
 

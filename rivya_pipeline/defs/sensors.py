@@ -36,13 +36,11 @@ from .assets import RESEND_TAG, briefs_partitions, generation_task, stored_video
 from .events import poll_observations
 from .inputs import TASK_TAG
 from .resources import LedgerResource, RivyaResource
-from .store_batch import STORE_VIDEOS_JOB, batched_task_ids, store_videos, store_videos_run_config
+from .store_batch import STORE_VIDEOS_JOB, batched_task_ids, in_batches, store_videos, store_videos_run_config
 
 TICK_TIME_BUDGET_SECONDS = 20.0
 MAX_POLLS_PER_TICK = 1000
 MAX_STORE_REQUESTS_PER_TICK = 200
-# Videos per store_videos run: a tick's stores spread over a few runs, so workers store them side by side.
-STORE_BATCH_SIZE = 10
 # How far back the sensor looks for store_videos runs that did not store all their videos.
 BATCH_LOOKBACK = timedelta(days=2)
 PARTITION_TAG = "dagster/partition"  # the tag Dagster puts on every run of one partition
@@ -138,8 +136,7 @@ def store_requests(instance: DagsterInstance, tasks: TaskTracker, now: datetime)
             to_batch.append(record)
         elif failed < MAX_STORE_ATTEMPTS:
             requests.append(store_run_request(record, failed))
-    for start in range(0, len(to_batch), STORE_BATCH_SIZE):
-        requests.append(store_batch_request(to_batch[start : start + STORE_BATCH_SIZE]))
+    requests += [store_batch_request(batch) for batch in in_batches(to_batch)]
     return requests
 
 

@@ -8,7 +8,7 @@ retries that video alone in a `stored_video` run. Paid submits are never batched
 brief each), so nothing here can block or re-buy another brief's video.
 """
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from dagster import (
@@ -40,6 +40,8 @@ from .storing import StoredVideo, store_video
 STORE_VIDEOS_JOB = "store_videos"
 STORE_OP = "store_each_video"
 BLOCKING_CHECKS = {spec.name for spec in STORED_VIDEO_CHECKS if spec.blocking}
+# Videos per store_videos run: a tick's stores spread over a few runs, so workers store them side by side.
+STORE_BATCH_SIZE = 10
 STORE_FAILED = "store_failed"  # metadata key of the observation that records one video's failure in a batch
 
 
@@ -49,6 +51,11 @@ class StoreVideosConfig(Config):
 
 def store_videos_run_config(task_ids: list[str]) -> dict[str, Any]:
     return {"ops": {STORE_OP: {"config": {"task_ids": task_ids}}}}
+
+
+def in_batches(records: Sequence[TaskRecord]) -> list[Sequence[TaskRecord]]:
+    """`records` in order, STORE_BATCH_SIZE at a time: what one store_videos run stores."""
+    return [records[start : start + STORE_BATCH_SIZE] for start in range(0, len(records), STORE_BATCH_SIZE)]
 
 
 def batched_task_ids(run_config: Mapping[str, Any]) -> list[str]:
