@@ -9,11 +9,11 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from fractions import Fraction
-from typing import Any
+from typing import Any, TypeVar
 
 import av
 import httpx
@@ -29,6 +29,7 @@ from rivya_pipeline_tests.helpers import KLING_PRICE
 AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}
 OTHER_KEY = "rvya_sk_other_account"
 TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
+Result = TypeVar("Result")
 
 
 def encode_image(codec: str, pix_fmt: str) -> bytes:
@@ -622,6 +623,163 @@ def test_lost_response_is_only_for_creates() -> None:
         FaultRule(endpoint="get_generation", kind="lost_response")
 
 
+# --- outages: `for_seconds` windows on the emulator clock ------------------------------------------------
+
+
+def outage_window(emulator: RivyaEmulator) -> dict[str, Any]:
+    """The window of the one `for_seconds` rule installed, as the stats show it (emulated seconds)."""
+    (window,) = emulator.stats()["fault_windows"]
+    return window
+
+
+def eventually(condition: Callable[[], bool], what: str) -> None:
+    """Polls `condition` for at most 20 s of real time: a bound against hanging, never a threshold asserted."""
+    for _ in range(2000):
+        if condition():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{what} never happened")
+
+
+def during_outage(emulator: RivyaEmulator, send: Callable[[], Result]) -> list[Result]:
+    """Calls `send` (whose first request opens the window) in rounds until the window has closed, and returns
+    the rounds after which it was still open: every request of those rounds fell inside the window, however
+    slowly the machine ran. The round that straddles the close is left out, being undecidable."""
+    inside: list[Result] = []
+    for _ in range(2000):
+        result = send()
+        state = outage_window(emulator)["state"]
+        assert state != "pending", "send() made no request that the outage rule matches"
+        if state == "closed":
+            assert inside, "not one round of requests fitted in the window: lower the test's time_scale"
+            return inside
+        inside.append(result)
+        time.sleep(0.005)
+    raise AssertionError("the outage window never closed")
+
+
+def test_media_host_down_503_for_three_emulated_minutes_then_serves_the_video(
+    configure_emulator: Any, api: httpx.Client
+) -> None:
+    """Models a CDN outage: the media host answers 503 for 180 emulated seconds from its first request
+    (0.5 s of real time at time_scale 360) while the API keeps answering, then serves the video again."""
+    emulator = configure_emulator(time_scale=360, queued_seconds=0, processing_seconds=0)
+    url = finished_video_url(api)
+    emulator.set_faults([FaultRule(endpoint="media", kind="server_error", status=503, for_seconds=180)])
+    media_statuses: list[int] = []
+
+    def send() -> tuple[int, int]:
+        media_statuses.append(httpx.get(url).status_code)
+        return media_statuses[-1], api.get("/api/v1/credits").status_code
+
+    assert set(during_outage(emulator, send)) == {(503, 200)}
+    window = outage_window(emulator)
+    assert window["closes_at"] - window["opened_at"] == pytest.approx(180)
+    assert window["opened_wall"] < window["closes_wall"]
+    after = httpx.get(url)
+    assert after.status_code == 200 and probe(after.content)[0] == pytest.approx(5, abs=0.5)
+    assert emulator.stats()["faults_injected"] == {"media:server_error": media_statuses.count(503)}
+
+
+@pytest.mark.parametrize(
+    ("rule", "code"),
+    [
+        pytest.param(
+            FaultRule(endpoint="api", kind="public_api_disabled", for_seconds=300),
+            "public_api_disabled",
+            id="public_api_disabled",
+        ),
+        pytest.param(
+            FaultRule(endpoint="api", kind="server_error", status=503, body="envelope", for_seconds=300),
+            "upstream_unavailable",
+            id="server_error_503",
+        ),
+    ],
+)
+def test_api_down_503_on_every_endpoint_for_five_emulated_minutes_then_charges_a_create_once(
+    configure_emulator: Any, api: httpx.Client, rule: FaultRule, code: str
+) -> None:
+    """Models Rivya taking its public API down: every API endpoint answers 503 for 300 emulated seconds
+    (0.5 s of real time at time_scale 600) while the media host ("api" spares it) keeps serving; a create
+    sent after the window is performed and charged once, and its retry replays it."""
+    emulator = configure_emulator(time_scale=600, queued_seconds=0, processing_seconds=0)
+    url = finished_video_url(api)
+    file_id = upload(api).json()["id"]
+    task_id = emulator.stats()["charges"][0]["task_id"]
+    emulator.set_faults([rule])
+    calls: dict[str, Callable[[], httpx.Response]] = {
+        "models": lambda: api.get("/api/v1/models"),
+        "upload_file": lambda: upload(api),
+        "get_file": lambda: api.get(f"/api/v1/files/{file_id}"),
+        "create_generation": lambda: create(api, key="key-after-outage"),
+        "get_generation": lambda: api.get(f"/api/v1/generations/{task_id}"),
+        "credits": lambda: api.get("/api/v1/credits"),
+    }
+
+    def send() -> dict[str, Any]:
+        answers = {name: call() for name, call in calls.items()}
+        answered = {
+            name: (r.status_code, r.json()["error"]["code"] if r.status_code == 503 else None)
+            for name, r in answers.items()
+        }
+        return answered | {"media": httpx.get(url).status_code}
+
+    down = {name: (503, code) for name in calls} | {"media": 200}
+    assert all(answers == down for answers in during_outage(emulator, send))
+    assert api.get("/api/v1/models").status_code == 200
+    created, retried = create(api, key="key-after-outage"), create(api, key="key-after-outage")
+    assert created.status_code == retried.status_code == 202 and created.json()["id"] == retried.json()["id"]
+    stats = emulator.stats()
+    assert (stats["creates_performed"], len(stats["charges"])) == (2, 2)
+    assert stats["wallets"][TEST_ACCOUNT] == TEST_CREDITS - 2 * KLING_PRICE
+    assert set(stats["faults_injected"]) == {f"{name}:{rule.kind}" for name in calls}
+
+
+def test_outage_window_opens_at_the_first_matching_request_not_at_install(
+    configure_emulator: Any, api: httpx.Client, control: httpx.Client
+) -> None:
+    """Models an outage armed ahead of traffic: a media rule installed over HTTP long (3 windows) before the
+    media host's first request still gives that request, and the 60 emulated seconds after it, the 503;
+    API requests meanwhile do not match it, so they neither fail nor open the window."""
+    emulator = configure_emulator(time_scale=600, queued_seconds=0, processing_seconds=0)
+    url = finished_video_url(api)
+    rule = {"endpoint": "media", "kind": "server_error", "status": 503, "for_seconds": 60}
+    assert control.post("/faults", json=[rule]).json() == {"faults": 1}
+    installed = control.get("/stats").json()["clock_seconds"]
+    assert api.get("/api/v1/credits").status_code == 200
+    eventually(lambda: control.get("/stats").json()["clock_seconds"] > installed + 3 * 60, "three windows passing")
+    assert (outage_window(emulator)["state"], outage_window(emulator)["opened_at"]) == ("pending", None)
+    assert httpx.get(url).status_code == 503
+    window = outage_window(emulator)
+    assert window["opened_at"] > installed + 3 * 60 and window["closes_at"] == window["opened_at"] + 60
+    eventually(lambda: outage_window(emulator)["state"] == "closed", "the window closing")
+    assert httpx.get(url).status_code == 200
+    assert emulator.stats()["faults_injected"]["media:server_error"] >= 1
+
+
+def test_star_faults_reach_the_media_host_and_api_faults_spare_it(configure_emulator: Any, api: httpx.Client) -> None:
+    """Models "everything down" versus "only the API down": "*" matches the media host too, "api" does not."""
+    emulator = configure_emulator(queued_seconds=0, processing_seconds=0)
+    url = finished_video_url(api)
+    emulator.set_faults([FaultRule(endpoint="api", kind="server_error", status=503)])
+    assert (api.get("/api/v1/credits").status_code, httpx.get(url).status_code) == (503, 200)
+    emulator.set_faults([FaultRule(endpoint="*", kind="server_error", status=503)])
+    assert (api.get("/api/v1/credits").status_code, httpx.get(url).status_code) == (503, 503)
+
+
+@pytest.mark.parametrize("counted", [{"times": 3}, {"rate": 0.5}], ids=["times", "rate"])
+def test_outage_window_with_times_or_rate_is_refused(control: httpx.Client, counted: dict[str, Any]) -> None:
+    """Models a misconfigured chaos run: a `for_seconds` window combined with a count or a rate is ambiguous,
+    so it is refused, in Python and over the control endpoint; so is an empty window."""
+    rule = {"endpoint": "media", "kind": "server_error", "status": 503, "for_seconds": 180} | counted
+    with pytest.raises(pydantic.ValidationError, match="for_seconds .* without times or rate"):
+        FaultRule.model_validate(rule)
+    refused = control.post("/faults", json=[rule])
+    assert refused.status_code == 400 and "without times or rate" in refused.json()["error"]
+    with pytest.raises(pydantic.ValidationError, match="greater than 0"):
+        FaultRule(kind="server_error", for_seconds=0)
+
+
 # --- control endpoints and CLI -------------------------------------------------------------------------
 
 
@@ -657,6 +815,20 @@ def test_cli_config_file_with_flag_overrides(tmp_path: Any) -> None:
     assert (config.time_scale, config.failure_rate, config.faults[0].kind) == (60, 0.5, "slow")
     assert [api_key.key for api_key in config.api_keys] == ["rvya_sk_a"]
     assert config_from_args(build_parser().parse_args([])) == EmulatorConfig()
+
+
+def test_cli_config_file_can_arm_an_outage(tmp_path: Any) -> None:
+    """Models a chaos benchmark's emulator: its YAML takes the whole API down for 5 emulated minutes."""
+    config_file = tmp_path / "emulator.yaml"
+    config_file.write_text("faults:\n  - {endpoint: api, kind: public_api_disabled, for_seconds: 300}\n")
+    (rule,) = config_from_args(build_parser().parse_args(["--config", str(config_file)])).faults
+    assert (rule.endpoint, rule.kind, rule.for_seconds, rule.times, rule.rate) == (
+        "api",
+        "public_api_disabled",
+        300,
+        None,
+        None,
+    )
 
 
 def test_cli_serves_until_sigterm() -> None:

@@ -33,8 +33,10 @@ def video_fault_marker(fault: VideoFault) -> str:
     return f"[emulator:{fault}]"
 
 
+# Which requests a fault rule matches: one API endpoint by name, "media" (the media host), "api" (every API
+# endpoint, not the media host) or "*" (every API endpoint and the media host).
 FaultEndpoint = Literal[
-    "*", "models", "upload_file", "get_file", "create_generation", "get_generation", "credits", "media"
+    "*", "api", "models", "upload_file", "get_file", "create_generation", "get_generation", "credits", "media"
 ]
 FaultKind = Literal[
     "rate_limited",
@@ -66,12 +68,19 @@ class ApiKeyConfig(_Strict):
 
 class FaultRule(_Strict):
     """One injected failure. Fires by `times` (the next N matching requests), by `rate` (seeded
-    probability), or on every matching request when neither is given."""
+    probability), during a window of `for_seconds` (an outage), or on every matching request when none is given.
+    `endpoint` "*" matches every API endpoint and the media host; "api" every API endpoint but not the media host."""
 
     endpoint: FaultEndpoint = "*"
     kind: FaultKind
     rate: float | None = Field(default=None, ge=0.0, le=1.0)
     times: int | None = Field(default=None, ge=1)
+    for_seconds: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="an outage: fire on every matching request for this many emulated seconds (scaled by "
+        "time_scale), from the first matching request that reaches this rule, then never again",
+    )
     retry_after: int = Field(default=1, ge=0, description="Retry-After seconds for rate_limited")
     delay: float = Field(default=1.0, ge=0.0, description="seconds to wait for slow, and to stall a lost_response")
     status: int = Field(default=502, ge=500, le=599, description="HTTP status for server_error")
@@ -98,6 +107,8 @@ class FaultRule(_Strict):
             raise ValueError("trickle applies only to endpoint 'media'")
         if self.rate is not None and self.times is not None:
             raise ValueError("give either rate or times, not both")
+        if self.for_seconds is not None and (self.rate is not None or self.times is not None):
+            raise ValueError("for_seconds fires on every matching request of its window: give it without times or rate")
         return self
 
 

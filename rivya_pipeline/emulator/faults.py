@@ -6,6 +6,8 @@ import asyncio
 import random
 import threading
 from collections import Counter
+from collections.abc import Callable
+from typing import Any
 
 from starlette.responses import HTMLResponse, Response
 from starlette.types import Receive, Scope, Send
@@ -22,26 +24,55 @@ _PROXY_502_PAGE = (
 
 
 class FaultInjector:
-    """Holds the rules, the remaining count of each `times` rule and a seeded RNG, all behind one lock
-    so that concurrent requests consume a scripted fault exactly once."""
+    """Holds the rules, the remaining count of each `times` rule, the window of each `for_seconds` rule and a
+    seeded RNG, all behind one lock so that concurrent requests consume a scripted fault exactly once.
+    `now` is the emulator's clock (emulated seconds), which times the `for_seconds` windows."""
 
-    def __init__(self, rules: list[FaultRule], seed: int) -> None:
+    def __init__(self, rules: list[FaultRule], seed: int, *, now: Callable[[], float]) -> None:
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
+        self._now = now
         self._rules: list[FaultRule] = []
         self._remaining: list[int | None] = []
+        self._opened: list[float | None] = []
         self._injected: Counter[str] = Counter()
         self.replace(rules)
 
     def replace(self, rules: list[FaultRule]) -> None:
+        """Install new rules: their counts start afresh and their windows open at their first matching request."""
         with self._lock:
             self._rules = list(rules)
             self._remaining = [rule.times for rule in rules]
+            self._opened = [None for _ in rules]
 
     def injected_counts(self) -> dict[str, int]:
         """How often each "endpoint:kind" fault has fired, for stats."""
         with self._lock:
             return dict(self._injected)
+
+    def windows(self) -> list[dict[str, Any]]:
+        """Each `for_seconds` rule's window in emulated seconds: `pending` until its first matching request,
+        then `open` from `opened_at` until `closes_at`, then `closed` for good."""
+        with self._lock:
+            now = self._now()
+            windows = []
+            for index, (rule, opened) in enumerate(zip(self._rules, self._opened, strict=True)):
+                if rule.for_seconds is None:
+                    continue
+                closes = None if opened is None else opened + rule.for_seconds
+                state = "pending" if closes is None else "open" if now < closes else "closed"
+                windows.append(
+                    {
+                        "rule": index,
+                        "endpoint": rule.endpoint,
+                        "kind": rule.kind,
+                        "for_seconds": rule.for_seconds,
+                        "state": state,
+                        "opened_at": opened,
+                        "closes_at": closes,
+                    }
+                )
+            return windows
 
     def take(self, endpoint: str, *, kind: FaultKind | None = None) -> FaultRule | None:
         """The first matching rule that fires now. Without `kind`, a rule decided before the request is handled;
@@ -49,7 +80,7 @@ class FaultInjector:
         `lost_response` once that create has been performed."""
         with self._lock:
             for index, rule in enumerate(self._rules):
-                if rule.endpoint not in ("*", endpoint):
+                if not _matches(rule.endpoint, endpoint):
                     continue
                 if rule.kind != kind if kind else rule.kind in _DEFERRED_KINDS:
                     continue
@@ -60,6 +91,11 @@ class FaultInjector:
         return None
 
     def _fires(self, index: int, rule: FaultRule) -> bool:
+        if rule.for_seconds is not None:
+            now, opened = self._now(), self._opened[index]
+            if opened is None:
+                self._opened[index] = opened = now
+            return now < opened + rule.for_seconds
         remaining = self._remaining[index]
         if remaining is not None:
             if remaining == 0:
@@ -67,6 +103,15 @@ class FaultInjector:
             self._remaining[index] = remaining - 1
             return True
         return rule.rate is None or self._rng.random() < rule.rate
+
+
+def _matches(rule_endpoint: str, endpoint: str) -> bool:
+    """A rule's endpoint "*" matches every request, the media host's too; "api" every API endpoint, not media."""
+    if rule_endpoint == "*":
+        return True
+    if rule_endpoint == "api":
+        return endpoint != "media"
+    return rule_endpoint == endpoint
 
 
 class DroppedConnectionResponse(Response):

@@ -55,7 +55,7 @@ class EmulatorState:
         with self._lock:
             self.config = config
             self.clock = EmulatorClock(config.time_scale)
-            self.faults = FaultInjector(config.faults, config.seed)
+            self.faults = FaultInjector(config.faults, config.seed, now=self.clock.now)
             self._outcome_rng = random.Random(config.seed)
             self._keys = {api_key.key: api_key for api_key in config.api_keys}
             accounts = {api_key.account for api_key in config.api_keys} | set(config.credits_by_account)
@@ -246,7 +246,17 @@ class EmulatorState:
                 "polls": dict(stats.polls),
                 "tasks_by_status": dict(Counter(task.status(now) for task in self._tasks.values())),
                 "faults_injected": self.faults.injected_counts(),
+                "fault_windows": [self._wall_window(window) for window in self.faults.windows()],
+                "clock_seconds": now,
             }
+
+    def _wall_window(self, window: dict[str, Any]) -> dict[str, Any]:
+        """A `for_seconds` window (emulated seconds since reset) with the wall-clock moments it opens and closes."""
+        opened, closes = window["opened_at"], window["closes_at"]
+        return window | {
+            "opened_wall": None if opened is None else self.clock.wall(opened),
+            "closes_wall": None if closes is None else self.clock.wall(closes),
+        }
 
     def _wallet(self, account: str) -> int:
         return self._wallets.setdefault(account, self.config.starting_credits(account))
