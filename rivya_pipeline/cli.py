@@ -15,8 +15,9 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, replace
+from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .bench import BENCHMARKS, SCALE_PROFILES
 from .briefs import Brief, BriefErrors, load_briefs
@@ -186,23 +187,47 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Spend from the ledger; QC failures from the check evaluations in the instance's event log (what the UI shows)."""
+    """Spend and the creates of unknown outcome from the ledger; QC failures from the check evaluations in the
+    instance's event log (what the UI shows)."""
     from .defs.video_qc import qc_failures
     from .instance_setup import open_instance
     from .ledger import Ledger
+    from .settings import utc_now
 
     settings = Settings.from_env()
     home = _dagster_home()
     ledger = Ledger(settings.ledger_url or Ledger.default_url(home))
-    rows = ledger.spend_report()
+    now = utc_now()  # one clock for both, so a create is an unknown outcome in both or in neither
+    rows = ledger.spend_report(now)
+    unknown = ledger.unknown_outcomes(now)
     with open_instance(home) as instance:
         failures = qc_failures(instance)
     if args.json:
-        print(json.dumps({"spend": rows, "qc_failures": [asdict(f) for f in failures]}, indent=2, default=str))
+        report = {"spend": rows, "qc_failures": [asdict(f) for f in failures], "unknown_outcomes": unknown}
+        print(json.dumps(report, indent=2, default=str))
     else:
         _print_table(rows, ["day", "brief_id", "tasks", "reserved", "final", "refunded"])
+        _print_unknown_outcomes(unknown)
         _print_qc_failures(failures)
     return EXIT_OK
+
+
+def _print_unknown_outcomes(unknown: list[dict[str, Any]]) -> None:
+    """Under the spend table of `report`: the creates that never got an answer and are past Rivya's idempotency
+    window, which may or may not have been charged, and what to do about them."""
+    if not unknown:
+        return
+    from .ledger import IDEMPOTENCY_WINDOW
+
+    hours = IDEMPOTENCY_WINDOW // timedelta(hours=1)
+    credits = sum(row["price_credits"] for row in unknown)
+    print(
+        f"\n{len(unknown)} create(s) never got an answer and were sent {hours} h ago or more, past Rivya's "
+        f"idempotency window: unknown outcome, {credits} credits at most. Check Rivya's dashboard or "
+        "GET /api/v1/credits for a charge; the pipeline will not re-send them (bump `regenerate` in a brief to pay "
+        "for a new video)."
+    )
+    _print_table(unknown, ["submitted_at", "brief_id", "price_credits", "idempotency_key"])
 
 
 def _positive_int(text: str) -> int:

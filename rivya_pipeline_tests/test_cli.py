@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -25,7 +25,8 @@ import pytest
 from rivya_pipeline.cli import parse_args
 from rivya_pipeline.emulator import FAIL_MARKER
 from rivya_pipeline.emulator.config import video_fault_marker
-from rivya_pipeline.settings import REPO_ROOT
+from rivya_pipeline.ledger import CreditLimits, Ledger
+from rivya_pipeline.settings import REPO_ROOT, utc_now
 from rivya_pipeline_tests.fixtures_emulator import TEST_API_KEY
 from rivya_pipeline_tests.fixtures_pipeline import FAST_LIFECYCLE, SAMPLE_BRIEFS
 from rivya_pipeline_tests.helpers import KLING_PRICE, free_ports, s3_keys
@@ -284,6 +285,48 @@ def test_report_of_an_instance_that_spent_nothing_is_the_header_alone(cli, emula
 
     assert done.returncode == EXIT_OK, done.stderr
     assert done.stdout.split() == ["day", "brief_id", "tasks", "reserved", "final", "refunded"]
+
+
+def test_report_lists_a_create_unanswered_past_the_idempotency_window_as_unknown_outcome(tmp_path, cli, emulator):
+    """Such a create was invisible: Rivya never answered, so its reserved credits are 0, and it may have been paid."""
+    ledger = Ledger(Ledger.default_url(tmp_path / "dagster_home"))  # the instance's ledger, as `report` opens it
+    try:
+        for key, sent in [("lost", utc_now() - timedelta(hours=25)), ("in-flight", utc_now() - timedelta(hours=1))]:
+            ledger.begin_submit(
+                idempotency_key=key,
+                brief_id=f"brief-{key}",
+                run_id="dead-run",
+                model="kling-3-0",
+                price_credits=KLING_PRICE,
+                body={"model": "kling-3-0", "prompt": f"a create whose answer never came ({key})"},
+                limits=CreditLimits(),
+                wallet_credits=None,
+                now=sent,
+            )
+    finally:
+        ledger.close()
+
+    text, as_json = cli("report"), cli("report", "--json")
+
+    assert (text.returncode, as_json.returncode) == (EXIT_OK, EXIT_OK), text.stderr
+    assert "1 create(s) never got an answer and were sent 24 h ago or more" in text.stdout
+    assert f"unknown outcome, {KLING_PRICE} credits at most" in text.stdout
+    assert "GET /api/v1/credits for a charge; the pipeline will not re-send them" in text.stdout
+    assert re.search(rf"^\S+\s+brief-lost\s+{KLING_PRICE}\s+lost\s*$", text.stdout, re.MULTILINE), text.stdout
+    assert "brief-in-flight" not in text.stdout.split("never got an answer")[1]
+    report = json.loads(as_json.stdout)
+    assert set(report) == {"spend", "qc_failures", "unknown_outcomes"}  # the keys of before, and one more
+    (unknown,) = report["unknown_outcomes"]
+    assert (unknown["brief_id"], unknown["idempotency_key"], unknown["price_credits"]) == ("brief-lost", "lost", 90)
+    assert "will not re-send" in unknown["hint"]
+    rows = {row["brief_id"]: row for row in report["spend"]}
+    assert {
+        b: (r["tasks"], r["reserved"], r["unknown_outcome"], r["unknown_outcome_credits"]) for b, r in rows.items()
+    } == {
+        "brief-lost": (1, 0, 1, KLING_PRICE),
+        "brief-in-flight": (1, 0, 0, 0),
+    }
+    assert emulator.stats()["requests"] == {}  # the report asks Rivya nothing, and re-sends nothing
 
 
 def test_the_emulator_command_passes_every_option_on_to_the_emulator():

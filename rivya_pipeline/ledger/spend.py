@@ -8,17 +8,38 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Connection, and_, delete, func, insert, select, update
+from sqlalchemy import ColumnElement, Connection, and_, delete, func, insert, select, update
 
 from ..rivya.models import TaskStatus
 from ..settings import utc_now
 from .database import LedgerPart
 from .schema import tasks
 
-# A task counts against the caps unless Rivya gave its credits back (failed tasks are refunded in full).
+# A task counts against the caps unless Rivya gave its credits back (failed tasks are refunded in full). That
+# includes a create that never got an answer ("submitting"), also once its outcome is unknown: it may have been
+# charged, and only Rivya's answer (a failed status, a refund) could show that it was not.
 COUNTS_AGAINST_CAPS = and_(tasks.c.status != TaskStatus.FAILED, tasks.c.refunded_credits == 0)
-# Rivya keeps idempotency keys for 24 h; past that a resent body would be a new, paid task.
-RESEND_WINDOW = timedelta(hours=23)
+# How long Rivya keeps an idempotency key [assumed: docs/rivya-api.md section 4]. Past that a resent body would be a
+# new, paid task; and a create sent that long ago is no longer in flight: whatever Rivya charged for it is in the
+# wallet, so the wallet floor stops holding its price, and the report lists it as an unknown outcome.
+IDEMPOTENCY_WINDOW = timedelta(hours=24)
+# A lost create is re-sent only this long after it was first sent: an hour inside IDEMPOTENCY_WINDOW, so a resend
+# (with its retries, minutes at most) is over before Rivya may forget the key and before the floor lets go of it.
+RESEND_WINDOW = IDEMPOTENCY_WINDOW - timedelta(hours=1)
+
+
+def in_flight(now: datetime) -> ColumnElement[bool]:
+    """Creates sent but not answered yet, less than IDEMPOTENCY_WINDOW ago: Rivya may charge them still."""
+    return and_(tasks.c.status == TaskStatus.SUBMITTING, tasks.c.submitted_at > now - IDEMPOTENCY_WINDOW)
+
+
+def unknown_outcome(now: datetime) -> ColumnElement[bool]:
+    """Creates never answered, sent IDEMPOTENCY_WINDOW ago or longer: charged or not, only Rivya can tell.
+
+    The complement of `in_flight` among "submitting" rows, derived at query time (the row is not changed), on
+    indexed columns only (status, submitted_at).
+    """
+    return and_(tasks.c.status == TaskStatus.SUBMITTING, tasks.c.submitted_at <= now - IDEMPOTENCY_WINDOW)
 
 
 @dataclass(frozen=True)
@@ -83,6 +104,11 @@ class SpendGuard(LedgerPart):
         the wallet fetched afterwards already shows the charge; a row still in flight is subtracted whether
         or not Rivya charged it yet (conservative). A wallet read before the lock could predate a charge
         whose row is no longer in flight, and would then count those credits as available.
+
+        An unanswered create leaves the in-flight sum IDEMPOTENCY_WINDOW after it was sent: nothing sends it
+        any more (resends stop at RESEND_WINDOW), so any charge for it is in the wallet already, and holding
+        its price as well would refuse more and more for creates that died months ago. It still counts against
+        the per-run and per-day caps (COUNTS_AGAINST_CAPS), and the spend report lists it as an unknown outcome.
         """
         if limits.min_wallet_credits > 0 and wallet_credits is None:
             raise ValueError("wallet_credits: needed to enforce min_wallet_credits")
@@ -190,11 +216,11 @@ def _check_limits(
             )
     floor = limits.min_wallet_credits
     if floor > 0 and wallet is not None:
-        in_flight = held(tasks.c.status == TaskStatus.SUBMITTING)  # read BEFORE the wallet: see begin_submit
+        in_flight_credits = held(in_flight(now))  # read BEFORE the wallet: see begin_submit
         available = wallet()
-        if available - in_flight - price < floor:
+        if available - in_flight_credits - price < floor:
             raise BudgetExceeded(
                 "wallet_floor",
-                f"wallet floor: {available} credits in the wallet, {in_flight} held by submits in flight, "
+                f"wallet floor: {available} credits in the wallet, {in_flight_credits} held by submits in flight, "
                 f"this task costs {price}, and at least {floor} must remain",
             )
