@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from dagster import (
     DagsterInstance,
+    DagsterRunStatus,
     ExecuteInProcessResult,
     RunRequest,
     build_schedule_context,
@@ -21,6 +22,7 @@ from dagster import (
 )
 from dagster._core.definitions.schedule_definition import ScheduleExecutionData
 from dagster._core.definitions.sensor_definition import SensorExecutionData
+from dagster._core.test_utils import create_run_for_test
 
 from rivya_pipeline.definitions import build_definitions, build_resources
 from rivya_pipeline.defs.assets import generation_task, reference_uploads, stored_video, video_brief
@@ -38,6 +40,8 @@ SAMPLE_BRIEFS = ("city-morph", "product-spin", "sunrise-timelapse")
 # A fast lifecycle: a task is terminal well before the sensor's first poll (2.5 s after submit).
 FAST_LIFECYCLE = {"queued_seconds": 0.1, "processing_seconds": 0.3}
 TICK_PAUSE_SECONDS = 0.5
+# The store backoff on a scaled clock: 0.2 s, 0.4 s ... up to 1 s between attempts, instead of 1 min ... 30 min.
+FAST_STORE_RETRY = {"store_retry_first_seconds": 0.2, "store_retry_max_seconds": 1.0}
 TICK_GIVE_UP_SECONDS = 30.0
 
 
@@ -96,6 +100,16 @@ class Pipeline:
             elif request.tags.get(TASK_TAG):
                 by_brief[request.partition_key] = request
         return by_brief
+
+    def record_launch(self, request: RunRequest, status: DagsterRunStatus = DagsterRunStatus.SUCCESS) -> None:
+        """Dagster's record of a schedule request the daemon launched (or, NOT_STARTED, created and then died),
+        with the tags it puts on such a run, without running it."""
+        tags = {
+            **request.tags,
+            "dagster/run_key": str(request.run_key),
+            "dagster/partition": str(request.partition_key),
+        }
+        create_run_for_test(self.instance, job_name="__ASSET_JOB", tags=tags, status=status)
 
     def add_partitions(self, brief_ids: list[str]) -> None:
         known = set(self.instance.get_dynamic_partitions("briefs"))
@@ -175,6 +189,7 @@ def pipeline_settings(
         s3_region="us-east-1",
         allow_local_media=True,
         ledger_url=f"sqlite:///{tmp_path / 'ledger.sqlite'}",
+        **FAST_STORE_RETRY,
     )
 
 

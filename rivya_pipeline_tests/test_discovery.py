@@ -1,0 +1,94 @@
+"""Discovery never hides a brief: evaluating `brief_discovery` without launching (the UI's "Test Schedule", a tick
+evaluated again after the daemon died, a run submission that failed) leaves every brief for the next tick, and a
+version that has a run is never launched again. The real schedule definition on a real instance; runs are the
+record the daemon leaves (`Pipeline.record_launch`), or real runs of the headless command."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from dagster import DagsterRunStatus, RunsFilter
+
+from rivya_pipeline.briefs import load_briefs
+from rivya_pipeline.defs.schedules import VERSION_TAG, brief_version
+from rivya_pipeline.headless import HeadlessRun
+from rivya_pipeline_tests.fixtures_pipeline import SAMPLE_BRIEFS
+
+TICK = datetime(2026, 5, 11, 8, tzinfo=UTC)
+
+
+def partitions(requests) -> set[str]:
+    return {r.partition_key for r in requests}
+
+
+def test_test_evaluations_of_discovery_hide_no_brief_from_the_next_tick(pipeline):
+    """Failure mode: "Test Schedule" twice in the UI, then 7 minutes of daemon ticks launched 0 of 6 new briefs."""
+    tested = [pipeline.discover(TICK) for _ in range(2)]  # evaluated, nothing launched
+
+    ticked = pipeline.discover(TICK + timedelta(hours=1))
+
+    assert [partitions(t.run_requests) for t in tested] == [set(SAMPLE_BRIEFS)] * 2
+    assert partitions(ticked.run_requests) == set(SAMPLE_BRIEFS)
+    assert pipeline.instance.get_runs_count() == 0
+
+
+def test_a_version_with_a_run_is_never_launched_again_whatever_became_of_the_run(pipeline):
+    first = pipeline.discover(TICK).run_requests
+    statuses = [DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.STARTED]
+    for request, status in zip(first, statuses, strict=True):
+        pipeline.record_launch(request, status)
+
+    later = pipeline.discover(TICK + timedelta(hours=1))
+
+    assert later.run_requests == [] and "none new or changed" in str(later.skip_message)
+    assert {r.tags[VERSION_TAG] for r in first} == {r.run_key for r in first}
+
+
+def test_a_run_the_daemon_created_but_never_submitted_is_requested_again_under_the_same_key(pipeline):
+    """Failure mode: the daemon killed between creating a tick's runs and submitting them; its re-evaluated tick
+    must name that run again (Dagster then submits the run it made), or the brief waits forever."""
+    first = pipeline.discover(TICK).run_requests
+    created, launched = first[0], first[1:]
+    pipeline.record_launch(created, DagsterRunStatus.NOT_STARTED)
+    for request in launched:
+        pipeline.record_launch(request)
+
+    again = pipeline.discover(TICK)
+
+    assert [(r.partition_key, r.run_key) for r in again.run_requests] == [(created.partition_key, created.run_key)]
+
+
+def test_an_edited_brief_is_launched_once_more_and_its_old_version_not_again(pipeline):
+    for request in pipeline.discover(TICK).run_requests:
+        pipeline.record_launch(request)
+    sunrise = pipeline.requests_path / "text-only.yaml"
+    sunrise.write_text(sunrise.read_text().replace("Timelapse of sunrise", "Timelapse of sunset"))
+
+    (edited,) = pipeline.discover(TICK + timedelta(hours=1)).run_requests
+    pipeline.record_launch(edited)
+
+    assert edited.partition_key == "sunrise-timelapse"
+    assert pipeline.discover(TICK + timedelta(hours=2)).run_requests == []
+
+
+def test_runs_launched_before_the_version_tag_existed_still_count_as_launched(pipeline):
+    """Failure mode: an upgrade that relaunches every brief of a year's folder once (the old runs carry the version
+    only as their run key)."""
+    for request in pipeline.discover(TICK).run_requests:
+        legacy = request.with_replaced_attrs(tags={k: v for k, v in request.tags.items() if k != VERSION_TAG})
+        pipeline.record_launch(legacy)
+
+    assert pipeline.discover(TICK + timedelta(hours=1)).run_requests == []
+
+
+def test_briefs_the_headless_command_bought_are_not_launched_again_by_discovery(pipeline, emulator):
+    briefs = [b for b in load_briefs(pipeline.requests_path) if b.id == "sunrise-timelapse"]
+    (outcome,) = HeadlessRun(settings=pipeline.settings, instance=pipeline.instance).run(briefs, timeout_seconds=60)
+
+    requests = pipeline.discover(TICK).run_requests
+
+    assert outcome.status == "stored"
+    assert partitions(requests) == set(SAMPLE_BRIEFS) - {"sunrise-timelapse"}
+    (submit_run,) = pipeline.instance.get_runs(RunsFilter(tags={VERSION_TAG: brief_version(briefs[0])}))
+    assert submit_run.tags["dagster/partition"] == "sunrise-timelapse"
+    assert len(emulator.stats()["charges"]) == 1
