@@ -28,8 +28,9 @@ from .briefs import Brief
 from .definitions import ASSETS, build_resources
 from .defs.assets import BATCH_TAG, generation_task, reference_uploads, stored_video, video_brief
 from .defs.inputs import TASK_TAG
-from .defs.schedules import add_brief_partitions
+from .defs.schedules import VERSION_TAG, add_brief_partitions, brief_version
 from .defs.store_batch import in_batches, store_videos, store_videos_run_config
+from .defs.storing import store_outlook
 from .defs.video_qc import QcFailure, qc_failures
 from .ledger import Ledger, TaskRecord
 from .polling import TaskPoller
@@ -43,7 +44,7 @@ POLL_IDLE_SECONDS = 0.5
 @dataclass
 class BriefOutcome:
     brief_id: str
-    status: str = "not_submitted"  # a TaskStatus, or "not_submitted", "stored", "store_failed"
+    status: str = "not_submitted"  # a TaskStatus, or "not_submitted", "stored", "store_failed", "store_gave_up"
     task_id: str | None = None
     s3_uri: str | None = None
     reserved_credits: int = 0
@@ -65,7 +66,10 @@ class BriefOutcome:
         self.reserved_credits = record.reserved_credits
         self.final_credits = record.final_credits
         self.refunded_credits = record.refunded_credits
-        if record.error_code:
+        if self.status == TaskStatus.SUCCEEDED and record.store_attempts:
+            self.status = "store_failed" if record.store_due_at else "store_gave_up"
+            self.error = f"{record.store_error} {store_outlook(record)}"
+        elif record.error_code:
             self.error = f"{record.error_code}: {record.error_message or ''}".strip()
 
 
@@ -128,12 +132,14 @@ class HeadlessRun:
         for brief in briefs:
             record = self.ledger.get(keys[brief.id])
             if record is None or record.status == TaskStatus.SUBMITTING:  # new, or a create whose answer was lost
-                self._materialize([video_brief, reference_uploads, generation_task], brief.id, outcomes[brief.id])
+                submit = [video_brief, reference_uploads, generation_task]
+                self._materialize(submit, brief.id, outcomes[brief.id], {VERSION_TAG: brief_version(brief)})
             outcomes[brief.id].update(self.ledger.get(keys[brief.id]))
-        waiting = {b: k for b, k in keys.items() if outcomes[b].status in PENDING_STATUSES | {TaskStatus.SUCCEEDED}}
+        unfinished = PENDING_STATUSES | {TaskStatus.SUCCEEDED, "store_failed"}  # a store given up on is only reported
+        waiting = {b: k for b, k in keys.items() if outcomes[b].status in unfinished}
         with self.resources["rivya"].process_config_and_initialize_cm() as rivya:  # resolves the EnvVar key
             self._poll_and_store(rivya.poller(self.ledger), waiting, outcomes, time.monotonic() + timeout_seconds)
-        for brief_id in waiting:
+        for brief_id in (b for b in waiting if outcomes[b].status in PENDING_STATUSES):
             outcomes[brief_id].status = TaskStatus.TIMED_OUT
             outcomes[brief_id].error = f"still processing after {timeout_seconds:.0f}s; the sensor keeps polling"
         for failure in qc_failures(self.instance, list(outcomes)):
@@ -161,28 +167,41 @@ class HeadlessRun:
     def _poll_and_store(
         self, poller: TaskPoller, waiting: dict[str, str], outcomes: dict[str, BriefOutcome], deadline: float
     ) -> None:
-        """Polls until every waiting task ends, storing the videos of each round's successes in store_videos
-        batches (as the sensor does); leaves the rest in `waiting`."""
-        while waiting and time.monotonic() < deadline:
-            poller.poll_due(time_budget_seconds=max(1.0, deadline - time.monotonic()))
-            ended = {}
+        """Polls until every waiting task ends and stores the videos of the successes in store_videos batches (as
+        the sensor does). A failed store is tried again when the store queue says it is due (its backoff passed),
+        until it is stored, its store window runs out, or `deadline`; what is left stays in `waiting`.
+
+        A video an earlier `run` could not store is tried at once: whoever starts a run asks for it now."""
+        unstored: dict[str, str] = {}
+        retry_now = True
+        while (waiting or unstored) and time.monotonic() < deadline:
+            if any(outcomes[b].status in PENDING_STATUSES for b in waiting):
+                poller.poll_due(time_budget_seconds=max(1.0, deadline - time.monotonic()))
             for brief_id, key in list(waiting.items()):
                 record = self.ledger.get(key)
                 if record is not None and record.status not in PENDING_STATUSES:
-                    ended[brief_id] = record
                     del waiting[brief_id]
-            to_store = [r for r in ended.values() if r.status == TaskStatus.SUCCEEDED and not r.stored_uri]
-            self._store(to_store, outcomes)
-            for brief_id, record in ended.items():
-                outcomes[brief_id].update(self.ledger.get(record.idempotency_key))
-                if outcomes[brief_id].status == TaskStatus.SUCCEEDED:  # the store step failed: say so
-                    outcomes[brief_id].status = "store_failed"
-            if waiting:
+                    unstored[brief_id] = key
+            records = [r for r in (self.ledger.get(k) for k in unstored.values()) if r is not None]
+            now = utc_now()
+            self._store(
+                [r for r in records if r.store_due_at and (retry_now or r.store_due_at <= now) and not r.stored_uri]
+            )
+            retry_now = False
+            for brief_id, key in list(unstored.items()):
+                record = self.ledger.get(key)
+                outcomes[brief_id].update(record)
+                if record is None or record.stored_uri or record.store_due_at is None:  # stored, given up, or failed
+                    del unstored[brief_id]
+            if waiting or unstored:
                 time.sleep(POLL_IDLE_SECONDS)
+        waiting.update({b: k for b, k in unstored.items() if b not in waiting})
 
-    def _store(self, records: list[TaskRecord], outcomes: dict[str, BriefOutcome]) -> None:
-        """Batches first; a video a batch did not store is retried alone, which also gives its own error."""
-        for batch in in_batches(records):
+    def _store(self, records: list[TaskRecord]) -> None:
+        """Videos never tried in store_videos batches; a video a store did not store is tried alone, which gives
+        its own error on its partition."""
+        first_tries = [r for r in records if not r.store_attempts]
+        for batch in in_batches(first_tries):
             store_videos.execute_in_process(
                 run_config={**QUIET_LOGS, **store_videos_run_config([r.accepted_task_id for r in batch])},
                 instance=self.instance,
@@ -190,8 +209,13 @@ class HeadlessRun:
                 tags={BATCH_TAG: self.batch},
                 raise_on_error=False,
             )
-            for record in batch:
-                stored = self.ledger.get(record.idempotency_key)
-                if stored is None or stored.stored_uri is None:
-                    tags = {TASK_TAG: record.accepted_task_id}
-                    self._materialize([stored_video], record.brief_id, outcomes[record.brief_id], tags)
+        for record in records:
+            if record.store_attempts:
+                materialize_brief(
+                    [stored_video],
+                    record.brief_id,
+                    instance=self.instance,
+                    resources=self.resources,
+                    tags={BATCH_TAG: self.batch, TASK_TAG: record.accepted_task_id},
+                    raise_on_error=False,
+                )

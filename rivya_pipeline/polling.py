@@ -26,6 +26,16 @@ log = logging.getLogger(__name__)
 FIRST_POLL_SECONDS = 2.5
 # Answers recorded per ledger transaction: one commit per task made the ledger the slowest part of a tick.
 WRITE_BATCH = 100
+# A task whose poll failed (429, 5xx, timeout) is asked again after 10 s, then 20, 40 ... up to 5 minutes.
+RETRY_POLL_SECONDS = 10.0
+MAX_RETRY_POLL_SECONDS = 300.0
+# This many transient failures in a row, and no answer between them: the API is down, the pass stops.
+FAILURES_THAT_STOP_A_PASS = 5
+
+
+def retry_poll_delay(failures: int) -> float:
+    """The wait before the next poll of a task whose last `failures` polls in a row failed transiently."""
+    return min(RETRY_POLL_SECONDS * 2 ** min(max(failures - 1, 0), 30), MAX_RETRY_POLL_SECONDS)
 
 
 def next_poll_delay(age_seconds: float) -> float:
@@ -49,6 +59,7 @@ class PollReport:
     errors: list[tuple[TaskRecord, RivyaError]] = field(default_factory=list)
     polled: int = 0
     stopped_early: bool = False
+    api_unavailable: bool = False  # the pass stopped because every recent poll failed: the rest wait for later
 
     @property
     def succeeded(self) -> list[tuple[TaskRecord, GenerationTask]]:
@@ -92,6 +103,24 @@ class _TickBudget:
 
     def wrote(self, seconds: float) -> None:
         self.slowest_write_seconds = max(self.slowest_write_seconds, seconds)
+
+
+class _OutageBreaker:
+    """Stops a pass once FAILURES_THAT_STOP_A_PASS polls in a row failed transiently, so a tick does not spend its
+    time budget on a dead API; an answer in between resets the count. Shared by the poll threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._failures_in_a_row = 0
+
+    @property
+    def open(self) -> bool:
+        with self._lock:
+            return self._failures_in_a_row >= FAILURES_THAT_STOP_A_PASS
+
+    def record(self, answered: bool) -> None:
+        with self._lock:
+            self._failures_in_a_row = 0 if answered else self._failures_in_a_row + 1
 
 
 @dataclass(frozen=True)
@@ -162,35 +191,58 @@ class TaskPoller:
                 to_poll.append(record)
 
         connections = _ConnectionPerThread(self._client)
+        breaker = _OutageBreaker()
+        probe_failed = False
         try:
             with ThreadPoolExecutor(
                 max_workers=self._concurrency, thread_name_prefix="rivya-poll", initializer=connections.open
             ) as pool:
-                futures = [pool.submit(self._fetch, connections, record, budget) for record in to_poll]
-                batch: list[StatusUpdate] = []
-                for future in as_completed(futures):
-                    polled = future.result()
-                    if polled is None:
-                        report.stopped_early = True
-                        continue
-                    batch.append(self._status_update(polled, report))
-                    if len(batch) >= WRITE_BATCH:
-                        self._write(batch, budget)
-                        batch = []
-                self._write(batch, budget)
+                # One poll first, alone: while the API is down, a pass costs that one request, not a thread each.
+                self._poll(pool, connections, to_poll[:1], budget, breaker, report)
+                probe_failed = bool(report.errors)
+                if not probe_failed:
+                    self._poll(pool, connections, to_poll[1:], budget, breaker, report)
         finally:
             connections.close()
+        if breaker.open or probe_failed:
+            report.api_unavailable = report.stopped_early = True
+            log.warning("Rivya answered no poll of this pass; %d due task(s) wait for the next", len(to_poll))
         return report
+
+    def _poll(
+        self,
+        pool: ThreadPoolExecutor,
+        connections: _ConnectionPerThread,
+        records: list[TaskRecord],
+        budget: _TickBudget,
+        breaker: _OutageBreaker,
+        report: PollReport,
+    ) -> None:
+        futures = [pool.submit(self._fetch, connections, record, budget, breaker) for record in records]
+        batch: list[StatusUpdate] = []
+        for future in as_completed(futures):
+            polled = future.result()
+            if polled is None:
+                report.stopped_early = True
+                continue
+            batch.append(self._status_update(polled, report))
+            if len(batch) >= WRITE_BATCH:
+                self._write(batch, budget)
+                batch = []
+        self._write(batch, budget)
 
     def _write(self, batch: list[StatusUpdate], budget: _TickBudget) -> None:
         started = time.monotonic()
         self._ledger.update_statuses(batch)
         budget.wrote(time.monotonic() - started)
 
-    def _fetch(self, connections: _ConnectionPerThread, record: TaskRecord, budget: _TickBudget) -> _Polled | None:
-        """In a worker thread: wait for the rate limiter, then ask for the task; None when out of time."""
+    def _fetch(
+        self, connections: _ConnectionPerThread, record: TaskRecord, budget: _TickBudget, breaker: _OutageBreaker
+    ) -> _Polled | None:
+        """In a worker thread: wait for the rate limiter, then ask for the task; None when out of time, or when the
+        API looks down (the task stays due as it is)."""
         left = budget.left_for_next_poll()
-        if left <= 0 or not self._limiter.try_acquire("poll", timeout=left):
+        if left <= 0 or breaker.open or not self._limiter.try_acquire("poll", timeout=left):
             return None
         polled_at, started = self._clock(), time.monotonic()
         answer: GenerationTask | RivyaError
@@ -199,6 +251,7 @@ class TaskPoller:
         except RivyaError as exc:
             answer = exc
         budget.polled(time.monotonic() - started)
+        breaker.record(answered=not isinstance(answer, RivyaError) or isinstance(answer, NotFound))
         return _Polled(record, polled_at, answer)
 
     def _status_update(self, polled: _Polled, report: PollReport) -> StatusUpdate:
@@ -215,8 +268,12 @@ class TaskPoller:
                 error_code=answer.code,
                 error_message=answer.message,
             )
-        if isinstance(answer, RivyaError):  # a transient failure: asked again on the next pass
-            log.warning("poll of task %s failed, retrying next pass: %s", record.task_id, answer)
+        if isinstance(answer, RivyaError):  # a transient failure: asked again later, later after each in a row
+            failures = record.poll_failures + 1
+            delay = retry_poll_delay(failures)
+            log.warning(
+                "poll of task %s failed (%d in a row), next in %.0fs: %s", record.task_id, failures, delay, answer
+            )
             report.errors.append((record, answer))
             return StatusUpdate(
                 record.accepted_task_id,
@@ -224,7 +281,8 @@ class TaskPoller:
                 record.final_credits,
                 record.refunded_credits,
                 polled_at,
-                next_poll_at=polled_at + timedelta(seconds=10),
+                next_poll_at=polled_at + timedelta(seconds=delay),
+                poll_failures=failures,
             )
         task = answer
         report.polled += 1

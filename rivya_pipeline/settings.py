@@ -121,6 +121,9 @@ class Settings:
     poll_requests_per_second: float
     poll_concurrency: int
     request_timeout_seconds: float
+    store_retry_first_seconds: float
+    store_retry_max_seconds: float
+    store_window_hours: float
     # The QC checks' thresholds, named as in QcThresholds (see there for their meaning and defaults).
     black_pixel_luma: float
     black_picture_share: float
@@ -154,5 +157,8 @@ class Settings:
             poll_requests_per_second=_float(env, "RIVYA_POLL_REQUESTS_PER_SECOND", 20.0),
             poll_concurrency=_int(env, "RIVYA_POLL_CONCURRENCY", 16, minimum=1),
             request_timeout_seconds=_float(env, "RIVYA_TIMEOUT_SECONDS", 30.0),
+            store_retry_first_seconds=_float(env, "RIVYA_STORE_RETRY_FIRST_SECONDS", 60.0),
+            store_retry_max_seconds=_float(env, "RIVYA_STORE_RETRY_MAX_SECONDS", 1800.0),
+            store_window_hours=_float(env, "RIVYA_STORE_WINDOW_HOURS", 24.0),
             **_qc_thresholds(env),
         )

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import socket
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from dagster import ExecuteInProcessResult, JobExecutionResult
 
+from rivya_pipeline.emulator import RivyaEmulator
 from rivya_pipeline.ledger import CreditLimits, Ledger
 
 KLING_PRICE = 90  # credits of one kling-3-0 task, as Rivya prices it: the figure every charge is checked against
@@ -71,3 +73,11 @@ def free_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def wait_until_outages_end(emulator: RivyaEmulator, give_up_seconds: float = 30.0) -> None:
+    """Until no `for_seconds` outage of the emulator is open (bounded: a test never hangs on it)."""
+    give_up = time.monotonic() + give_up_seconds
+    while any(window["state"] == "open" for window in emulator.stats()["fault_windows"]):
+        assert time.monotonic() < give_up, emulator.stats()["fault_windows"]
+        time.sleep(0.05)

@@ -46,6 +46,9 @@ ENV_BY_SETTING = {
     "poll_requests_per_second": "RIVYA_POLL_REQUESTS_PER_SECOND",
     "poll_concurrency": "RIVYA_POLL_CONCURRENCY",
     "request_timeout_seconds": "RIVYA_TIMEOUT_SECONDS",
+    "store_retry_first_seconds": "RIVYA_STORE_RETRY_FIRST_SECONDS",
+    "store_retry_max_seconds": "RIVYA_STORE_RETRY_MAX_SECONDS",
+    "store_window_hours": "RIVYA_STORE_WINDOW_HOURS",
 }
 BARRIER_TIMEOUT_SECONDS = 120
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -92,6 +93,8 @@ class S3FaultProxy:
         self._forwarded: Counter[str] = Counter()
         self._client: httpx.AsyncClient | None = None
         self._servers: BackgroundServers | None = None
+        self._down_for = 0.0  # an outage armed by go_down: its length, from the next request on
+        self._down_until = 0.0  # time.monotonic() until which every request is refused
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -120,6 +123,12 @@ class S3FaultProxy:
             self._client = client
             yield
 
+    def go_down(self, seconds: float) -> None:
+        """Refuse every request with S3's 503 SlowDown for `seconds` from the next request on, whatever the fault
+        rates say (so the outage meets the pipeline however long it takes to get there)."""
+        with self._lock:
+            self._down_for = seconds
+
     # -- tallies -----------------------------------------------------------------------------
 
     def injected(self) -> dict[str, int]:
@@ -137,6 +146,11 @@ class S3FaultProxy:
     def _fault_for(self, identity: tuple[str, str, str]) -> tuple[int, str, str] | None:
         with self._lock:
             operation = s3_operation(*identity)
+            if self._down_for:
+                self._down_until, self._down_for = time.monotonic() + self._down_for, 0.0
+            if time.monotonic() < self._down_until:
+                self._injected[operation] += 1
+                return 503, "SlowDown", "Please reduce your request rate."
             rate = self._fault_rates.get(operation, self._fault_rates.get("*", 0.0))
             if self._faults_in_a_row[identity] < self._max_faults_per_request and self._rng.random() < rate:
                 self._faults_in_a_row[identity] += 1

@@ -17,19 +17,23 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, make_url, text, update
+from sqlalchemy import create_engine, make_url, select, text, update
 from sqlalchemy.exc import StatementError
 
 from rivya_pipeline.ledger import (
+    IDEMPOTENCY_WINDOW,
     RESEND_WINDOW,
     SUBMIT_LOCK_ID,
+    UNKNOWN_OUTCOME_HINT,
     BudgetExceeded,
     CreditLimits,
     Ledger,
     StaleSubmission,
+    StatusUpdate,
+    StoreRetryPolicy,
     SubmitDecision,
 )
-from rivya_pipeline.ledger.schema import ledger_meta
+from rivya_pipeline.ledger.schema import ledger_meta, tasks
 from rivya_pipeline_tests.fixtures_postgres import PG_ADMIN_URL, PG_SERVER, admin_connection
 
 T0 = datetime(2026, 5, 11, 12, 0, tzinfo=UTC)
@@ -286,6 +290,77 @@ def test_wallet_floor_subtracts_submits_still_in_flight(ledger: Ledger) -> None:
     assert submit(ledger, "second", limits=limits, wallet=wallet).action == "new"
 
 
+def test_an_unanswered_create_stops_holding_the_wallet_floor_once_the_idempotency_window_passed(
+    ledger: Ledger,
+) -> None:
+    """A create whose answer never came is charged (and in the wallet) or never will be, once Rivya forgot its key."""
+    limits = CreditLimits(min_wallet_credits=150)
+
+    def wallet() -> int:
+        return 300
+
+    assert submit(ledger, "lost", run_id="dead-run", limits=limits, wallet=wallet).action == "new"  # never answered
+    with pytest.raises(BudgetExceeded) as refused:
+        submit(ledger, "next", run_id="run-2", limits=limits, wallet=wallet, now=T0 + timedelta(hours=12))
+    assert "90 held by submits in flight" in str(refused.value)
+
+    admitted = submit(ledger, "next", run_id="run-2", limits=limits, wallet=wallet, now=T0 + IDEMPOTENCY_WINDOW)
+
+    assert admitted.action == "new"
+    lost = ledger.get("lost")
+    assert lost is not None and lost.status == "submitting"  # derived at query time: the row is not changed
+
+
+def test_an_unanswered_create_holds_the_wallet_floor_until_the_last_second_of_the_idempotency_window(
+    ledger: Ledger,
+) -> None:
+    limits = CreditLimits(min_wallet_credits=150)
+
+    def wallet() -> int:
+        return 300
+
+    submit(ledger, "lost", limits=limits, wallet=wallet)
+    with pytest.raises(BudgetExceeded) as refused:
+        submit(ledger, "next", limits=limits, wallet=wallet, now=T0 + IDEMPOTENCY_WINDOW - timedelta(seconds=1))
+
+    assert refused.value.limit == "wallet_floor"
+    assert "90 held by submits in flight" in str(refused.value)
+    assert ledger.get("next") is None
+
+
+def test_an_unanswered_create_past_the_idempotency_window_still_counts_against_the_caps(ledger: Ledger) -> None:
+    """Leaving the floor is no refund: it may have been charged, so the per-run and per-day caps keep counting it."""
+    submit(ledger, "lost", run_id="long-run", now=T0)
+    one_task_a_run = CreditLimits(max_credits_per_run=PRICE)
+    one_task_a_day = CreditLimits(max_credits_per_day=PRICE)
+
+    # Its whole 24 h, like any spend: the per-day cap does not let it go before the floor does.
+    with pytest.raises(BudgetExceeded) as per_day:
+        submit(
+            ledger, "same-day", run_id="r2", limits=one_task_a_day, now=T0 + IDEMPOTENCY_WINDOW - timedelta(seconds=1)
+        )
+    assert str(per_day.value).startswith("per-day credit limit: 90 of 90 credits reserved in the last 24 h")
+    # Past the window the floor lets go of it, but its run's cap still counts it.
+    with pytest.raises(BudgetExceeded) as per_run:
+        submit(
+            ledger,
+            "same-run",
+            run_id="long-run",
+            limits=one_task_a_run,
+            now=T0 + IDEMPOTENCY_WINDOW + timedelta(hours=1),
+        )
+    assert per_run.value.limit == "per_run"
+    assert str(per_run.value).startswith("per-run credit limit: 90 of 90 credits already reserved in this run")
+    # And the report keeps it in the spend of the day it was sent.
+    (row,) = ledger.spend_report(T0 + IDEMPOTENCY_WINDOW)
+    assert (row["day"], row["tasks"], row["unknown_outcome"], row["unknown_outcome_credits"]) == (
+        "2026-05-11",
+        1,
+        1,
+        PRICE,
+    )
+
+
 def test_wallet_is_read_only_when_a_floor_is_set(ledger: Ledger) -> None:
     def wallet_must_not_be_read() -> int:
         raise AssertionError("wallet read without a floor")
@@ -474,28 +549,173 @@ def test_unanswered_submits_are_the_submitting_rows_sent_in_the_window_oldest_fi
     assert [r.idempotency_key for r in ledger.unanswered_submits(**window, limit=1)] == ["older"]
 
 
-def test_succeeded_unstored_until_marked_stored(ledger: Ledger) -> None:
+def test_store_queue_holds_succeeded_videos_until_stored_longest_waiting_first(ledger: Ledger) -> None:
     first = submitted_task(ledger, "first")
     second = submitted_task(ledger, "second")
     succeed(ledger, second, at=T0 + timedelta(seconds=5))
     succeed(ledger, first, at=T0 + timedelta(seconds=9))
     fail(ledger, submitted_task(ledger, "failed"))
+    later = T0 + timedelta(minutes=1)
 
-    assert [r.task_id for r in ledger.succeeded_unstored(limit=10)] == [second, first]
-    assert [r.task_id for r in ledger.succeeded_unstored(limit=1)] == [second]
+    assert [r.task_id for r in ledger.due_for_store(later, limit=10)] == [second, first]
+    assert [r.task_id for r in ledger.due_for_store(later, limit=1)] == [second]
+    assert ledger.due_for_store(T0 + timedelta(seconds=6), limit=10)[0].task_id == second  # first not due yet
 
-    ledger.mark_stored(
-        second, uri="s3://videos/brief-a/task_second.mp4", sha256="ab" * 32, now=T0 + timedelta(minutes=1)
-    )
+    ledger.mark_stored(second, uri="s3://videos/brief-a/task_second.mp4", sha256="ab" * 32, now=later)
 
-    assert [r.task_id for r in ledger.succeeded_unstored(limit=10)] == [first]
+    assert [r.task_id for r in ledger.due_for_store(later, limit=10)] == [first]
     stored = ledger.find_by_task(second)
     assert stored is not None
-    assert (stored.stored_uri, stored.stored_sha256, stored.stored_at) == (
+    assert (stored.stored_uri, stored.stored_sha256, stored.stored_at, stored.store_due_at) == (
         "s3://videos/brief-a/task_second.mp4",
         "ab" * 32,
-        T0 + timedelta(minutes=1),
+        later,
+        None,
     )
+
+
+def test_a_success_recorded_again_keeps_its_place_and_attempts_in_the_store_queue(ledger: Ledger) -> None:
+    task = submitted_task(ledger, "key")
+    succeed(ledger, task, at=T0)
+    ledger.record_store_failure(task, error="media host 503", retry=StoreRetryPolicy(), now=T0)
+
+    succeed(ledger, task, at=T0 + timedelta(seconds=30))  # the store step saw the success again
+
+    record = ledger.find_by_task(task)
+    assert record is not None
+    assert (record.store_queued_at, record.store_attempts) == (T0, 1)
+    assert record.store_due_at == T0 + timedelta(minutes=1)
+
+
+def test_a_failed_store_waits_1_2_4_minutes_capped_and_is_not_due_meanwhile(ledger: Ledger) -> None:
+    """Failure mode: retrying at once inside an outage spent every attempt within minutes (3 in 145 s)."""
+    task = submitted_task(ledger, "key")
+    succeed(ledger, task, at=T0)
+    policy = StoreRetryPolicy(first_wait=timedelta(minutes=1), max_wait=timedelta(minutes=4))
+    waits, now = [], T0
+    for _ in range(5):
+        record = ledger.record_store_failure(task, error="S3 SlowDown", retry=policy, now=now)
+        assert record is not None and record.store_due_at is not None
+        waits.append(record.store_due_at - now)
+        assert ledger.due_for_store(record.store_due_at - timedelta(seconds=1), limit=10) == []
+        assert [r.task_id for r in ledger.due_for_store(record.store_due_at, limit=10)] == [task]
+        now = record.store_due_at
+
+    assert waits == [timedelta(minutes=m) for m in (1, 2, 4, 4, 4)]
+    assert record.store_attempts == 5 and record.store_error == "S3 SlowDown"
+
+
+def test_a_video_whose_store_window_ran_out_leaves_the_queue_and_is_reported(ledger: Ledger) -> None:
+    """Failure mode: a video given up on kept its place at the head of the queue and starved newer ones."""
+    old = submitted_task(ledger, "old")
+    succeed(ledger, old, at=T0)
+    policy = StoreRetryPolicy(first_wait=timedelta(minutes=30), max_wait=timedelta(hours=1), window=timedelta(hours=2))
+    now, record = T0, None
+    while record is None or record.store_due_at is not None:
+        record = ledger.record_store_failure(old, error="media host 503", retry=policy, now=now)
+        assert record is not None
+        now = record.store_due_at or now
+    assert record.store_gave_up_at is not None and record.store_attempts == 3  # 30 min, 1 h, then past 2 h
+    new = submitted_task(ledger, "new")
+    succeed(ledger, new, at=T0 + timedelta(hours=3))
+
+    assert [r.task_id for r in ledger.due_for_store(T0 + timedelta(days=30), limit=1)] == [new]
+    assert [r.task_id for r in ledger.gave_up_storing()] == [old]
+
+    ledger.mark_stored(old, uri="s3://videos/brief-a/task_old.mp4", sha256="cd" * 32)  # a person stored it by hand
+    assert ledger.gave_up_storing() == []
+
+
+def test_a_refused_result_is_given_up_at_once_and_a_failed_task_is_never_queued(ledger: Ledger) -> None:
+    refused = submitted_task(ledger, "refused")
+    succeed(ledger, refused)
+    failed = submitted_task(ledger, "failed")
+    fail(ledger, failed)
+
+    record = ledger.record_store_failure(refused, error="private address", retry=StoreRetryPolicy(), give_up=True)
+    not_queued = ledger.record_store_failure(failed, error="task failed", retry=StoreRetryPolicy())
+
+    assert record is not None and (record.store_due_at, record.store_attempts) == (None, 1)
+    assert not_queued is not None and (not_queued.store_due_at, not_queued.store_attempts) == (None, 0)
+    assert ledger.record_store_failure("task_unknown", error="?", retry=StoreRetryPolicy()) is None
+    assert ledger.due_for_store(T0 + timedelta(days=2), limit=10) == []
+
+
+def test_poll_failures_in_a_row_are_counted_and_reset_by_an_answer(ledger: Ledger) -> None:
+    task = submitted_task(ledger, "key")
+    for failures in (1, 2):
+        ledger.update_statuses([StatusUpdate(task, "queued", 0, 0, T0, T0, poll_failures=failures)])
+    record = ledger.find_by_task(task)
+    assert record is not None and record.poll_failures == 2
+
+    ledger.update_statuses([StatusUpdate(task, "processing", 0, 0, T0, T0)])
+
+    record = ledger.find_by_task(task)
+    assert record is not None and (record.poll_failures, record.status) == (0, "processing")
+
+
+def query_plan(ledger: Ledger, backend: Backend, query: Any) -> str:
+    """The database's plan for `query`, as text: SQLite's EXPLAIN QUERY PLAN or PostgreSQL's EXPLAIN."""
+    engine = create_engine(backend.driver_url)
+    compiled = query.compile(engine, compile_kwargs={"literal_binds": True})
+    try:
+        with engine.connect() as conn:
+            if backend.name == "sqlite":
+                return " ".join(str(row[-1]) for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}"))
+            conn.exec_driver_sql("SET enable_seqscan = off")  # an empty table: ask whether an index CAN serve it
+            return " ".join(str(row[0]) for row in conn.exec_driver_sql(f"EXPLAIN {compiled}"))
+    finally:
+        engine.dispose()
+
+
+def test_the_store_queue_is_read_through_its_index(ledger: Ledger, backend: Backend) -> None:
+    """Failure mode: a queue that scans every stored video of the instance's history on every tick."""
+    query = select(tasks).where(tasks.c.store_due_at <= T0).order_by(tasks.c.store_due_at).limit(200)
+
+    plan = query_plan(ledger, backend, query)
+
+    assert "ix_rivya_tasks_store_due" in plan, plan
+
+
+def test_a_version_1_ledger_is_migrated_and_its_unstored_videos_are_due(backend: Backend) -> None:
+    """Failure mode: an upgrade that forgets the paid videos an older version had not stored yet."""
+    engine = create_engine(backend.driver_url)
+    with engine.begin() as conn:
+        for statement in VERSION_1_SCHEMA:
+            conn.exec_driver_sql(statement)
+    engine.dispose()
+
+    ledger = Ledger(backend.url)
+    try:
+        due = ledger.due_for_store(T0 + timedelta(days=1), limit=10)
+        assert [(r.task_id, r.store_due_at, r.store_attempts) for r in due] == [("task_unstored", T0, 0)]
+        stored = ledger.find_by_task("task_stored")
+        assert stored is not None and stored.store_due_at is None
+        plan = query_plan(ledger, backend, select(tasks).where(tasks.c.store_due_at <= T0))
+        assert "ix_rivya_tasks_store_due" in plan, plan
+    finally:
+        ledger.close()
+
+
+_V1_COLUMNS = (
+    "idempotency_key VARCHAR(200) PRIMARY KEY, brief_id VARCHAR(500) NOT NULL, run_id VARCHAR(200) NOT NULL, "
+    "model VARCHAR(200) NOT NULL, price_credits INTEGER NOT NULL, body TEXT NOT NULL, task_id VARCHAR(200) UNIQUE, "
+    "status VARCHAR(32) NOT NULL, reserved_credits INTEGER NOT NULL, final_credits INTEGER NOT NULL, "
+    "refunded_credits INTEGER NOT NULL, error_code VARCHAR(200), error_message TEXT, submitted_at TIMESTAMP NOT NULL, "
+    "updated_at TIMESTAMP NOT NULL, deadline_at TIMESTAMP, next_poll_at TIMESTAMP, last_polled_at TIMESTAMP, "
+    "poll_count INTEGER NOT NULL, stored_uri TEXT, stored_sha256 VARCHAR(64), stored_at TIMESTAMP"
+)
+VERSION_1_SCHEMA = [
+    "CREATE TABLE rivya_ledger_meta (key VARCHAR(64) PRIMARY KEY, value TEXT NOT NULL)",
+    "INSERT INTO rivya_ledger_meta VALUES ('schema_version', '1')",
+    f"CREATE TABLE rivya_tasks ({_V1_COLUMNS})",
+    "INSERT INTO rivya_tasks VALUES ('unstored', 'brief-unstored', 'run-1', 'kling-3-0', 90, '{}', 'task_unstored', "
+    "'succeeded', 90, 90, 0, NULL, NULL, '2026-05-11 12:00:00', '2026-05-11 12:00:00', NULL, NULL, NULL, 3, "
+    "NULL, NULL, NULL)",
+    "INSERT INTO rivya_tasks VALUES ('stored', 'brief-stored', 'run-1', 'kling-3-0', 90, '{}', 'task_stored', "
+    "'succeeded', 90, 90, 0, NULL, NULL, '2026-05-11 12:00:00', '2026-05-11 12:00:00', NULL, NULL, NULL, 3, "
+    "'s3://v/x.mp4', 'ab', '2026-05-11 12:05:00')",
+]
 
 
 def test_count_by_status_and_latest_for_brief(ledger: Ledger) -> None:
@@ -521,24 +741,70 @@ def test_spend_report_sums_per_utc_day_and_brief(ledger: Ledger) -> None:
     # 23:59:59 UTC written with a +02:00 offset still belongs to the UTC day of T0.
     submit(ledger, "b2", brief_id="brief-b", run_id="r3", now=datetime.fromisoformat("2026-05-12T01:59:59+02:00"))
 
-    assert ledger.spend_report() == [
-        {"day": "2026-05-10", "brief_id": "brief-a", "tasks": 2, "reserved": 180, "final": 90, "refunded": 90},
-        {"day": "2026-05-11", "brief_id": "brief-a", "tasks": 1, "reserved": 90, "final": 90, "refunded": 0},
-        {"day": "2026-05-11", "brief_id": "brief-b", "tasks": 2, "reserved": 90, "final": 0, "refunded": 0},
+    nothing_unknown = {"unknown_outcome": 0, "unknown_outcome_credits": 0}
+    assert ledger.spend_report(T0 + timedelta(hours=12)) == [
+        {"day": "2026-05-10", "brief_id": "brief-a", "tasks": 2, "reserved": 180, "final": 90, "refunded": 90}
+        | nothing_unknown,
+        {"day": "2026-05-11", "brief_id": "brief-a", "tasks": 1, "reserved": 90, "final": 90, "refunded": 0}
+        | nothing_unknown,
+        {"day": "2026-05-11", "brief_id": "brief-b", "tasks": 2, "reserved": 90, "final": 0, "refunded": 0}
+        | nothing_unknown,
     ]
 
 
-def test_brief_versions_upsert_in_batches(ledger: Ledger) -> None:
-    versions = {f"briefs/batch/{i:05d}.yaml": f"sha256:{i:064x}" for i in range(40_000)}
+def test_spend_report_lists_an_unanswered_create_past_the_idempotency_window_as_unknown_outcome(
+    ledger: Ledger,
+) -> None:
+    """Such a create has no reserved credits (Rivya never answered): without this it was invisible in the report."""
+    day_before = T0 - timedelta(days=1)
+    submit(ledger, "lost-1", brief_id="brief-a", run_id="r1", now=day_before)
+    submit(ledger, "lost-2", brief_id="brief-a", run_id="r1", price=45, now=day_before + timedelta(hours=1))
+    succeed(ledger, submitted_task(ledger, "answered", brief_id="brief-a", run_id="r1", now=day_before))
+    fail(ledger, submitted_task(ledger, "refunded", brief_id="brief-b", run_id="r1", now=day_before))
+    submit(ledger, "fresh", brief_id="brief-b", run_id="r2", now=T0)
 
-    ledger.record_brief_versions(versions)
-    ledger.record_brief_versions({"briefs/batch/00007.yaml": "sha256:changed", "briefs/new.yaml": "sha256:new"})
+    rows = ledger.spend_report(T0 + timedelta(hours=1))
+    unknown = ledger.unknown_outcomes(T0 + timedelta(hours=1))
 
-    stored = ledger.brief_versions()
-    assert len(stored) == 40_001
-    assert stored["briefs/batch/00007.yaml"] == "sha256:changed"
-    assert stored["briefs/batch/39999.yaml"] == versions["briefs/batch/39999.yaml"]
-    assert stored["briefs/new.yaml"] == "sha256:new"
+    assert [
+        (r["day"], r["brief_id"], r["tasks"], r["unknown_outcome"], r["unknown_outcome_credits"]) for r in rows
+    ] == [
+        ("2026-05-10", "brief-a", 3, 2, PRICE + 45),
+        ("2026-05-10", "brief-b", 1, 0, 0),
+        ("2026-05-11", "brief-b", 1, 0, 0),  # still in flight
+    ]
+    assert unknown == [
+        {
+            "submitted_at": "2026-05-10T12:00:00+00:00",
+            "brief_id": "brief-a",
+            "price_credits": PRICE,
+            "idempotency_key": "lost-1",
+            "run_id": "r1",
+            "model": "kling-3-0",
+            "hint": UNKNOWN_OUTCOME_HINT,
+        },
+        {
+            "submitted_at": "2026-05-10T13:00:00+00:00",
+            "brief_id": "brief-a",
+            "price_credits": 45,
+            "idempotency_key": "lost-2",
+            "run_id": "r1",
+            "model": "kling-3-0",
+            "hint": UNKNOWN_OUTCOME_HINT,
+        },
+    ]
+    assert "GET /api/v1/credits" in UNKNOWN_OUTCOME_HINT and "will not re-send" in UNKNOWN_OUTCOME_HINT
+    # One second before the window closes it is still in flight, not unknown; and nothing in the rows changed.
+    assert [r["idempotency_key"] for r in ledger.unknown_outcomes(day_before + IDEMPOTENCY_WINDOW)] == ["lost-1"]
+    almost = day_before + IDEMPOTENCY_WINDOW - timedelta(seconds=1)
+    assert ledger.unknown_outcomes(almost) == []
+    assert sum(r["unknown_outcome"] for r in ledger.spend_report(almost)) == 0
+    assert ledger.count_by_status() == {"submitting": 3, "succeeded": 1, "failed": 1}
+
+
+def test_the_resend_window_closes_before_the_idempotency_window() -> None:
+    """The floor lets go of a create only when nothing can still be re-sending it."""
+    assert RESEND_WINDOW < IDEMPOTENCY_WINDOW == timedelta(hours=24)
 
 
 # -- opening ----------------------------------------------------------------------------------------------

@@ -28,12 +28,12 @@ from rivya_pipeline import polling
 from rivya_pipeline.briefs import load_briefs
 from rivya_pipeline.definitions import ASSETS, build_definitions, build_resources
 from rivya_pipeline.defs import resources
-from rivya_pipeline.defs.assets import BATCH_TAG, STORED_VIDEO_CHECKS, generation_task
+from rivya_pipeline.defs.assets import BATCH_TAG, STORED_VIDEO_CHECKS, generation_task, stored_video
 from rivya_pipeline.defs.resources import RivyaResource
-from rivya_pipeline.defs.sensors import MAX_STORE_ATTEMPTS
+from rivya_pipeline.defs.storing import STORE_FAILED
 from rivya_pipeline.emulator import FAIL_MARKER, FaultRule
 from rivya_pipeline.headless import HeadlessRun, failure_text
-from rivya_pipeline.settings import REPO_ROOT, Settings
+from rivya_pipeline.settings import REPO_ROOT, Settings, utc_now
 from rivya_pipeline_tests.fixtures_emulator import TEST_API_KEY, TEST_CREDITS
 from rivya_pipeline_tests.fixtures_pipeline import SAMPLE_BRIEFS, stored_videos
 from rivya_pipeline_tests.helpers import KLING_PRICE, materialization, metadata_values, s3_bytes, s3_keys
@@ -265,6 +265,8 @@ def test_discovery_schedule_launches_new_and_changed_briefs_and_skips_invalid_on
     assert len({r.tags[BATCH_TAG] for r in first.run_requests}) == 1
     assert "skipped invalid brief" in capsys.readouterr().err  # Dagster's console logger
 
+    for request in first.run_requests:
+        pipeline.record_launch(request)
     unchanged = pipeline.discover(tick + timedelta(hours=1))
     assert unchanged.run_requests == []
     assert unchanged.skip_message
@@ -273,6 +275,7 @@ def test_discovery_schedule_launches_new_and_changed_briefs_and_skips_invalid_on
     added = pipeline.discover(tick + timedelta(hours=2))
     assert [r.partition_key for r in added.run_requests] == ["harbour-dusk"]
     assert "harbour-dusk" in pipeline.instance.get_dynamic_partitions("briefs")
+    pipeline.record_launch(added.run_requests[0])
 
     sunrise = pipeline.requests_path / "text-only.yaml"
     sunrise.write_text(sunrise.read_text().replace("Timelapse of sunrise", "Timelapse of sunset"))
@@ -382,6 +385,9 @@ DISTINCT_SETTINGS = Settings(
     poll_requests_per_second=7.0,
     poll_concurrency=3,
     request_timeout_seconds=12.0,
+    store_retry_first_seconds=30.0,
+    store_retry_max_seconds=600.0,
+    store_window_hours=12.0,
     black_pixel_luma=0.15,
     black_picture_share=0.95,
     black_max_seconds=3.0,
@@ -430,24 +436,37 @@ def test_every_resource_field_has_a_description_for_the_ui():
     assert [name for name, has_one in described.items() if not has_one] == []
 
 
-def test_a_video_a_batch_did_not_store_is_retried_alone_under_a_new_key_at_most_three_times(pipeline):
+def test_a_store_that_keeps_failing_is_retried_under_new_keys_until_its_window_ends_then_reported(make_pipeline):
+    """Failure mode: three immediate retries spent inside a 3-minute outage, and the paid video never stored."""
+    pipeline = make_pipeline(store_window_hours=3 / 3600)  # 3 s on the tests' clock (first retry after 0.2 s)
     task_id = materialization(pipeline.submit("sunrise-timelapse"), "generation_task")["task_id"]
     (first,) = pipeline.store_requests(pipeline.tick_until(pipeline.store_requests)).values()
-    pipeline.emulator.set_faults([FaultRule(endpoint="media", kind="server_error")])
+    pipeline.emulator.set_faults([FaultRule(endpoint="media", kind="server_error", status=503)])
 
-    keys = [first.run_key]
-    request = first
-    for _ in range(1 + MAX_STORE_ATTEMPTS):  # the batch, then each attempt alone
-        assert not pipeline.launch(request, raise_on_error=False).success
-        retries = pipeline.tick().run_requests
-        if not retries:
+    keys, request, result = [first.run_key], first, None
+    while request is not None:
+        result = pipeline.launch(request, raise_on_error=False)
+        assert not result.success
+        record = pipeline.ledger.find_by_task(task_id)
+        if record.store_due_at is None:
             break
-        (request,) = retries
+        assert pipeline.tick().run_requests == []  # not due until its backoff passed
+        (request,) = pipeline.tick_until(lambda ticks: ticks[-1].run_requests)[-1].run_requests
         keys.append(request.run_key)
 
     assert first.job_name == "store_videos"
-    assert keys == [first.run_key, f"{task_id}:store", f"{task_id}:store:retry1", f"{task_id}:store:retry2"]
-    assert pipeline.ledger.find_by_task(task_id).stored_uri is None
+    assert keys[:3] == [first.run_key, f"{task_id}:store", f"{task_id}:store:retry1"]
+    assert len(set(keys)) == len(keys) == record.store_attempts >= 3
+    assert record.store_gave_up_at is not None and record.stored_uri is None
+    (observation,) = [e for e in result.get_asset_observation_events() if e.asset_key == AssetKey("stored_video")]
+    report = metadata_values(observation.asset_observation_data.asset_observation)
+    assert report[STORE_FAILED].startswith(f"Result video of task {task_id} not stored")
+    assert report["next"].startswith(f"Given up after {len(keys)} attempt(s)")
+    assert "materialize stored_video for this partition" in failure_text(result)
+    pipeline.emulator.set_faults([])
+    assert pipeline.tick().run_requests == []  # never in the store queue again
+    assert pipeline.materialize([stored_video], "sunrise-timelapse").success  # what the report says to do
+    assert pipeline.ledger.find_by_task(task_id).stored_uri is not None
 
 
 def test_no_store_run_is_requested_while_a_run_of_the_partition_is_storing(pipeline):
@@ -459,7 +478,7 @@ def test_no_store_run_is_requested_while_a_run_of_the_partition_is_storing(pipel
         tags={"dagster/partition": "sunrise-timelapse"},
         asset_selection={AssetKey("stored_video")},
     )
-    pipeline.tick_until(lambda ticks: pipeline.ledger.succeeded_unstored(limit=10))
+    pipeline.tick_until(lambda ticks: pipeline.ledger.due_for_store(utc_now(), limit=10))
     assert pipeline.tick().run_requests == []
 
     pipeline.instance.report_run_failed(manual)

@@ -15,10 +15,10 @@ import pytest
 
 from rivya_pipeline.emulator import FAIL_MARKER, FaultRule, RivyaEmulator
 from rivya_pipeline.ledger import Ledger, StatusUpdate
-from rivya_pipeline.polling import TaskPoller
+from rivya_pipeline.polling import FAILURES_THAT_STOP_A_PASS, TaskPoller
 from rivya_pipeline.rivya import RetryPolicy, RivyaClient
 from rivya_pipeline_tests.fixtures_emulator import TEST_API_KEY
-from rivya_pipeline_tests.helpers import TASK_BODY, track_due_task
+from rivya_pipeline_tests.helpers import TASK_BODY, track_due_task, wait_until_outages_end
 
 FAST = {"requests_per_second": 1000, "concurrency": 8}
 
@@ -155,3 +155,69 @@ def test_a_pass_closes_every_connection_its_threads_opened(configure_emulator, c
 
     assert report.polled == 20
     assert connections_to(emulator) == before
+
+
+def test_polls_failing_in_a_row_wait_10_20_40_seconds_and_an_answer_resets_the_wait(
+    configure_emulator, client, ledger, submit
+):
+    """Failure mode: a task polled every 10 s for as long as the API is down, whatever its history."""
+    emulator = configure_emulator(queued_seconds=60)
+    (task_id,) = submit(1)
+    emulator.set_faults([FaultRule(endpoint="get_generation", kind="server_error", status=503)])
+    poller = TaskPoller(client, ledger, clock=lambda: due_again(ledger, task_id), **FAST)
+
+    waits = []
+    for _ in range(3):
+        poller.poll_due()
+        record = ledger.find_by_task(task_id)
+        waits.append(record.next_poll_at - record.last_polled_at)
+    emulator.set_faults([])
+    poller.poll_due()
+
+    assert waits == [timedelta(seconds=s) for s in (10, 20, 40)]
+    record = ledger.find_by_task(task_id)
+    assert (record.poll_failures, record.next_poll_at - record.last_polled_at) == (0, timedelta(seconds=10))
+
+
+def due_again(ledger: Ledger, task_id: str) -> datetime:
+    """A clock that stands at the task's next poll: each pass finds it due, without waiting for real."""
+    record = ledger.find_by_task(task_id)
+    return max(record.next_poll_at, datetime.now(UTC))
+
+
+def test_a_pass_while_the_api_is_down_costs_one_poll_and_leaves_the_rest_due(
+    configure_emulator, client, ledger, submit
+):
+    """Failure mode: every due task polled against a dead API, each waiting out its retries, until the tick's
+    time budget is gone."""
+    emulator = configure_emulator(queued_seconds=0, processing_seconds=0, time_scale=100)
+    task_ids = submit(20)
+    emulator.set_faults([FaultRule(endpoint="api", kind="public_api_disabled", for_seconds=300)])
+    before = polls(emulator)
+
+    down = TaskPoller(client, ledger, **FAST).poll_due()
+
+    assert down.api_unavailable and down.stopped_early and down.polled == 0
+    assert polls(emulator) - before == 1  # the probe; the client of this test does not retry
+    assert len(ledger.due_for_poll(datetime.now(UTC), limit=100)) == 19  # untouched, still due
+    wait_until_outages_end(emulator)
+    up = TaskPoller(client, ledger, **FAST).poll_due()
+    assert not up.api_unavailable and up.polled == 19
+    assert {ledger.find_by_task(t).status for t in task_ids} - {"succeeded"} == {"queued"}  # the probe's task waits
+    assert emulator.stats()["creates_performed"] == 20
+
+
+def test_a_pass_stops_after_five_failures_in_a_row_once_the_api_goes_down_midway(
+    configure_emulator, client, ledger, submit
+):
+    emulator = configure_emulator(queued_seconds=60)
+    submit(30)
+    answered_once = FaultRule(endpoint="get_generation", kind="slow", delay=0.0, times=1)  # the probe gets through
+    emulator.set_faults([answered_once, FaultRule(endpoint="get_generation", kind="server_error", status=503)])
+    before = polls(emulator)
+
+    report = TaskPoller(client, ledger, requests_per_second=1000, concurrency=1).poll_due()
+
+    assert report.polled == 1 and report.api_unavailable  # the probe was answered, then five 503s in a row
+    assert polls(emulator) - before == 1 + FAILURES_THAT_STOP_A_PASS
+    assert len(report.errors) == FAILURES_THAT_STOP_A_PASS

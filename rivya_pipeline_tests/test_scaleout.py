@@ -38,8 +38,9 @@ from rivya_pipeline.settings import REPO_ROOT, REQUESTS_PATH_ENV, Settings
 from rivya_pipeline_tests.fixtures_emulator import TEST_API_KEY
 from rivya_pipeline_tests.fixtures_pipeline import FAST_LIFECYCLE, SUBMIT_SELECTION
 from rivya_pipeline_tests.fixtures_postgres import PG_ADMIN_URL
+from rivya_pipeline_tests.helpers import track_due_task
 
-LEDGER_TABLES = {"rivya_tasks", "rivya_brief_versions", "rivya_ledger_meta"}
+LEDGER_TABLES = {"rivya_tasks", "rivya_ledger_meta"}
 RUN_TIMEOUT_SECONDS = 60
 
 
@@ -62,13 +63,13 @@ def tables_in(database: str) -> set[str]:
 @pytest.mark.postgres
 def test_ledger_follows_a_postgres_instance_into_its_database(postgres_instance, postgres_home, pg_database):
     ledger = LedgerResource().for_instance(postgres_instance)
-    ledger.record_brief_versions({"harbour-dusk": "v1"})
+    track_due_task(ledger, "task_harbour", "key-harbour")
 
     assert default_ledger_url(postgres_instance) == postgres_instance.run_storage.postgres_url
     assert tables_in(pg_database) >= LEDGER_TABLES
     assert "runs" in tables_in(pg_database)  # the same database as Dagster's own tables
     with connected(pg_database) as conn:
-        assert conn.execute(text("SELECT brief_id FROM rivya_brief_versions")).scalars().all() == ["harbour-dusk"]
+        assert conn.execute(text("SELECT task_id FROM rivya_tasks")).scalars().all() == ["task_harbour"]
     assert not (postgres_home / "rivya_ledger.sqlite").exists()
     ledger.close()
 
@@ -77,7 +78,7 @@ def test_ledger_follows_a_postgres_instance_into_its_database(postgres_instance,
 def test_an_explicit_ledger_url_wins_over_the_instance_database(postgres_instance, pg_database, tmp_path):
     url = f"sqlite:///{tmp_path / 'elsewhere.sqlite'}"
     ledger = LedgerResource(ledger_url=url).for_instance(postgres_instance)
-    ledger.record_brief_versions({"harbour-dusk": "v1"})
+    track_due_task(ledger, "task_harbour", "key-harbour")
 
     assert (tmp_path / "elsewhere.sqlite").exists()
     assert not LEDGER_TABLES & tables_in(pg_database)
@@ -86,7 +87,7 @@ def test_an_explicit_ledger_url_wins_over_the_instance_database(postgres_instanc
 
 def test_ledger_of_a_sqlite_instance_is_still_a_file_in_its_home(dagster_instance):
     ledger = LedgerResource().for_instance(dagster_instance)
-    ledger.record_brief_versions({"harbour-dusk": "v1"})
+    track_due_task(ledger, "task_harbour", "key-harbour")
 
     assert default_ledger_url(dagster_instance) == Ledger.default_url(dagster_instance.root_directory)
     assert (Path(dagster_instance.root_directory) / "rivya_ledger.sqlite").exists()

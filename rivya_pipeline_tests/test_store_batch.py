@@ -15,9 +15,11 @@ from rivya_pipeline.briefs import load_briefs
 from rivya_pipeline.defs import store_batch
 from rivya_pipeline.defs.assets import STORED_VIDEO_CHECKS, stored_video
 from rivya_pipeline.defs.inputs import TASK_TAG
-from rivya_pipeline.defs.store_batch import STORE_FAILED, STORE_VIDEOS_JOB, batched_task_ids
+from rivya_pipeline.defs.store_batch import STORE_VIDEOS_JOB, batched_task_ids
+from rivya_pipeline.defs.storing import STORE_FAILED
 from rivya_pipeline.emulator import FaultRule
 from rivya_pipeline.headless import HeadlessRun, failure_text
+from rivya_pipeline.settings import utc_now
 from rivya_pipeline_tests.fixtures_pipeline import SAMPLE_BRIEFS, stored_videos
 from rivya_pipeline_tests.helpers import KLING_PRICE, materialization, metadata_values, s3_keys
 
@@ -88,7 +90,7 @@ def test_a_video_that_fails_in_a_batch_is_reported_on_its_partition_and_retried_
 
     assert not result.success
     assert stored_videos(result).keys() == set(SAMPLE_BRIEFS) - {doomed}  # the others did not wait for it
-    assert failure_text(result).startswith(f"1 of 3 videos not stored; each is retried alone: {doomed}: ")
+    assert failure_text(result).startswith(f"1 of 3 videos not stored; each is retried alone when due: {doomed}: ")
     (observation,) = [
         e.asset_observation_data.asset_observation
         for e in result.all_events
@@ -98,7 +100,8 @@ def test_a_video_that_fails_in_a_batch_is_reported_on_its_partition_and_retried_
     assert metadata_values(observation)[STORE_FAILED].startswith(f"Result video of task {first_task} not stored")
     assert pipeline.ledger.find_by_task(first_task).stored_uri is None
 
-    (alone,) = pipeline.tick().run_requests
+    assert pipeline.ledger.find_by_task(first_task).store_attempts == 1
+    (alone,) = pipeline.tick_until(lambda ticks: ticks[-1].run_requests)[-1].run_requests  # once its backoff passed
     assert (alone.job_name, alone.partition_key, alone.tags[TASK_TAG]) == ("store_video", doomed, first_task)
     assert alone.run_key == f"{first_task}:store"
     retried = pipeline.launch(alone)
@@ -125,7 +128,7 @@ def test_a_batch_leaves_a_video_stored_meanwhile_as_it_is(pipeline, s3_bucket):
 def test_sensor_spreads_stores_over_batches_and_never_asks_twice_for_a_video_in_one(pipeline, monkeypatch):
     monkeypatch.setattr(store_batch, "STORE_BATCH_SIZE", 2)
     tasks = submit_all(pipeline)
-    pipeline.tick_until(lambda ticks: len(pipeline.ledger.succeeded_unstored(limit=10)) == 3)
+    pipeline.tick_until(lambda ticks: len(pipeline.ledger.due_for_store(utc_now(), limit=10)) == 3)
 
     first = pipeline.tick().run_requests
 

@@ -17,7 +17,7 @@ from pydantic import Field, PrivateAttr
 from sqlalchemy.exc import DBAPIError
 
 from ..briefs import Brief, load_brief_by_id
-from ..ledger import CreditLimits, Ledger, TaskTracker
+from ..ledger import CreditLimits, Ledger, StoreRetryPolicy, TaskTracker
 from ..polling import TaskPoller
 from ..qc.thresholds import QcThresholds
 from ..rivya import RetryPolicy, RivyaClient
@@ -193,6 +193,22 @@ class VideoStorageResource(ConfigurableResource):
         default=False, description="Send checksums only when S3 requires them (stores that reject the new headers)."
     )
     s3_chunk_mb: int = Field(default=8, description="Multipart part size in MiB (at least 5).")
+    store_retry_first_seconds: float = Field(
+        default=60.0, description="Wait after a failed store before the next attempt; it doubles after each failure."
+    )
+    store_retry_max_seconds: float = Field(default=1800.0, description="Longest wait between two store attempts.")
+    store_window_hours: float = Field(
+        default=24.0,
+        description="How long after a task's success its video is still tried (Rivya does not document how long "
+        "result URLs live). Past it the video is reported as not stored, with what to do.",
+    )
+
+    def retry_policy(self) -> StoreRetryPolicy:
+        return StoreRetryPolicy(
+            first_wait=timedelta(seconds=self.store_retry_first_seconds),
+            max_wait=timedelta(seconds=self.store_retry_max_seconds),
+            window=timedelta(hours=self.store_window_hours),
+        )
 
     def store(self) -> VideoStore:
         client = shared_s3_client(self.s3_endpoint_url, self.s3_region, self.s3_checksum_when_required)

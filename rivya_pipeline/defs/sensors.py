@@ -2,10 +2,12 @@
 
 The ledger's `next_poll_at` is the durable cursor: a tick polls what is due (bounded in count and
 time, far under the 60 s tick limit), and whatever it did not reach stays due for the next tick.
-Stores are requested from the ledger's "succeeded, not stored" rows on every tick: first in `store_videos` runs of
-up to STORE_BATCH_SIZE videos (store_batch.py), keyed by their task ids, so a tick that dies before its result is
-saved loses nothing and launches nothing twice. A video that a batch did not store (its run failed, or died) is
-then retried alone in `store_video` runs of its partition, each under a new key, up to three times.
+Stores are requested from the ledger's store queue, which holds only the videos that are due: a video is due as
+soon as its task succeeded, and again after each failed store once its backoff has passed (1, 2, 4 ... minutes,
+capped), for as long as its store window lasts (24 h by default; then it leaves the queue and is reported). First
+in `store_videos` runs of up to STORE_BATCH_SIZE videos (store_batch.py), keyed by their task ids, so a tick that
+dies before its result is saved loses nothing and launches nothing twice. A video that a batch did not store (its
+run failed, or died) is then retried alone in `store_video` runs of its partition, each under a new key.
 
 A create that never got its answer (the run died, or gave up on a transient error) would otherwise wait
 for a person: the sensor requests a generation_task run that re-sends it under the same Idempotency-Key
@@ -45,7 +47,6 @@ MAX_STORE_REQUESTS_PER_TICK = 200
 BATCH_LOOKBACK = timedelta(days=2)
 PARTITION_TAG = "dagster/partition"  # the tag Dagster puts on every run of one partition
 MAX_RETRIES_TAG = "dagster/max_retries"  # on a run: overrides the instance's run_retries.max_retries
-MAX_STORE_ATTEMPTS = 3  # storing is free; after 3 failed runs a person looks (the runs say why)
 # Longer than any create can take (the client gives up within ~3 min), so a create still in flight is never
 # re-sent; also the pause after a failed re-send run. Six of them cover an outage of about an hour.
 RESEND_AFTER = timedelta(minutes=10)
@@ -86,7 +87,8 @@ def run_in_progress(instance: DagsterInstance, brief_id: str, asset: AssetsDefin
 
 
 def store_run_request(record: TaskRecord, failed_attempts: int) -> RunRequest:
-    """Keyed by task id and attempt: a run key blocks forever, so a failed store gets a fresh key (bounded).
+    """Keyed by task id and attempt: a run key blocks forever, so a failed store gets a fresh key (the store
+    window bounds how many: the ledger stops queueing the video when it runs out).
 
     This sensor is the one retrier of store runs, whatever ended them (a failed step or a dead worker): the
     instance's run retries are off for them, or both would store the same video at once after a worker died."""
@@ -124,17 +126,17 @@ def batched_tasks(instance: DagsterInstance, now: datetime) -> dict[str, bool]:
 
 
 def store_requests(instance: DagsterInstance, tasks: TaskTracker, now: datetime) -> list[RunRequest]:
-    """Batches for videos not tried yet; a run of its own for each video a batch did not store."""
+    """Batches for due videos not tried yet; a run of its own for each due video that a store did not store."""
     batched = batched_tasks(instance, now)
     requests, to_batch = [], []
-    for record in tasks.succeeded_unstored(limit=MAX_STORE_REQUESTS_PER_TICK):
+    for record in tasks.due_for_store(now, limit=MAX_STORE_REQUESTS_PER_TICK):
         task_id = record.accepted_task_id
         if batched.get(task_id) or run_in_progress(instance, record.brief_id, stored_video):
             continue
         failed = failed_store_runs(instance, task_id)
-        if task_id not in batched and not failed:
+        if task_id not in batched and not failed and not record.store_attempts:
             to_batch.append(record)
-        elif failed < MAX_STORE_ATTEMPTS:
+        else:
             requests.append(store_run_request(record, failed))
     requests += [store_batch_request(batch) for batch in in_batches(to_batch)]
     return requests

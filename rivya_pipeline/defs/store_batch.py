@@ -3,9 +3,10 @@
 A run costs far more than the store itself (a process or a worker slot, some thirty events, run bookkeeping), so
 the sensor sends the stores of a tick in batches. Each video still gets its own `stored_video` materialization,
 metadata and check evaluations on its brief's partition, exactly as a `stored_video` run records them. One video's
-failure never stops the others: it is recorded on its partition, the run fails at the end naming it, and the sensor
-retries that video alone in a `stored_video` run. Paid submits are never batched (generation_task runs stay one
-brief each), so nothing here can block or re-buy another brief's video.
+failure never stops the others: it is recorded on its partition and in the store queue (storing.py), the run fails
+at the end naming it, and the sensor retries that video alone in a `stored_video` run once its backoff has passed.
+Paid submits are never batched (generation_task runs stay one brief each), so nothing here can block or re-buy
+another brief's video.
 """
 
 from collections.abc import Iterator, Mapping, Sequence
@@ -42,7 +43,6 @@ STORE_OP = "store_each_video"
 BLOCKING_CHECKS = {spec.name for spec in STORED_VIDEO_CHECKS if spec.blocking}
 # Videos per store_videos run: a tick's stores spread over a few runs, so workers store them side by side.
 STORE_BATCH_SIZE = 10
-STORE_FAILED = "store_failed"  # metadata key of the observation that records one video's failure in a batch
 
 
 class StoreVideosConfig(Config):
@@ -87,15 +87,9 @@ def store_each_video(
             reason = exc.description if isinstance(exc, Failure) and exc.description else f"{type(exc).__name__}: {exc}"
             failed[brief_id] = reason
             context.log.error(f"brief {brief_id}: video of task {task_id} not stored: {reason}")
-            if record is not None:
-                yield AssetObservation(
-                    asset_key=stored_video.key,
-                    partition=brief_id,
-                    metadata={STORE_FAILED: reason, "task_id": task_id, "retry": "alone, in a stored_video run"},
-                )
     if failed:
         raise Failure(
-            f"{len(failed)} of {len(config.task_ids)} videos not stored; each is retried alone: "
+            f"{len(failed)} of {len(config.task_ids)} videos not stored; each is retried alone when due: "
             + "; ".join(f"{brief}: {reason}" for brief, reason in failed.items()),
             allow_retries=False,
         )

@@ -14,7 +14,7 @@ from typing import Any
 from dagster import AssetCheckResult, AssetObservation, Failure
 
 from ..delivery import deliver_video
-from ..ledger import TaskTracker
+from ..ledger import TaskRecord, TaskTracker
 from ..polling import TaskDeadlineExceeded, wait_for_terminal
 from ..rivya import TaskStatus
 from ..rivya.media import MediaFetchError
@@ -33,7 +33,66 @@ class StoredVideo:
     checks: list[AssetCheckResult]
 
 
+STORE_FAILED = "store_failed"  # metadata key of the observation that records a failed store on its partition
+# A result URL the fetcher refuses stays refused however often it is asked: no retry can change these.
+REFUSED_MEDIA = frozenset({"invalid_url", "scheme", "private_address", "redirect", "too_large"})
+
+
+class ResultRefused(Failure):
+    """The task's result URL breaks the fetcher's rules (scheme, address, redirect, size): never retried."""
+
+
 def store_video(
+    handle: TaskHandle,
+    *,
+    run_id: str,
+    tasks: TaskTracker,
+    rivya: RivyaResource,
+    video_storage: VideoStorageResource,
+    video_qc: VideoQcResource,
+) -> Iterator[AssetObservation | StoredVideo]:
+    """`_store_video`, with every failure recorded: the ledger counts it and says when the video is due again (or
+    that its store window ran out), the partition gets an observation saying so, and the `Failure` repeats it.
+
+    Storing is free, so nothing here gives up early: whatever failed (the media host, S3, Rivya's answer to the
+    re-read of the task, a killed connection), the sensor tries again after the backoff, within the window."""
+    try:
+        yield from _store_video(
+            handle, run_id=run_id, tasks=tasks, rivya=rivya, video_storage=video_storage, video_qc=video_qc
+        )
+    except Exception as exc:
+        reason = exc.description if isinstance(exc, Failure) and exc.description else f"{type(exc).__name__}: {exc}"
+        record = tasks.record_store_failure(
+            handle.task_id, error=reason, retry=video_storage.retry_policy(), give_up=isinstance(exc, ResultRefused)
+        )
+        if record is None or record.status != TaskStatus.SUCCEEDED:
+            raise  # no such task, or it failed or is still running: no video to store, no place in the store queue
+        next_step = store_outlook(record)
+        yield AssetObservation(
+            "stored_video",
+            partition=handle.brief_id,
+            metadata={STORE_FAILED: reason, "task_id": handle.task_id, "next": next_step},
+        )
+        raise Failure(f"{reason}. {next_step}", allow_retries=False) from None
+
+
+def store_outlook(record: TaskRecord) -> str:
+    """What happens next to a video a store did not store, in words a person acts on."""
+    if record.stored_at is not None:
+        return f"Stored meanwhile at {record.stored_uri}."
+    if record.store_due_at is not None:
+        return (
+            f"Attempt {record.store_attempts} failed; the sensor (or the next `rivya-pipeline run`) tries again from "
+            f"{record.store_due_at:%Y-%m-%d %H:%M:%S}Z (its waits double after each failure)."
+        )
+    return (
+        f"Given up after {record.store_attempts} attempt(s): the store window ran out or the result was refused. "
+        "Fix the cause, then materialize stored_video for this partition (it reads the task again for a fresh "
+        "result URL; nothing is bought again)."
+    )
+
+
+def _store_video(
     handle: TaskHandle,
     *,
     run_id: str,
@@ -81,9 +140,11 @@ def store_video(
 
 @contextmanager
 def refused_media_reported(task_id: str) -> Iterator[None]:
-    """A result URL the rules refuse is a Failure that says so; only a transient fetch error may be retried."""
+    """A result URL the rules refuse is a `ResultRefused`; any other fetch error is a Failure a later try may heal."""
     try:
         yield
     except MediaFetchError as exc:
-        transient = exc.reason in ("http_status", "transport")
-        raise Failure(f"Result video of task {task_id} not stored: {exc}", allow_retries=transient) from None
+        message = f"Result video of task {task_id} not stored: {exc}"
+        if exc.reason in REFUSED_MEDIA:
+            raise ResultRefused(message, allow_retries=False) from None
+        raise Failure(message, allow_retries=True) from None

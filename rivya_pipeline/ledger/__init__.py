@@ -9,25 +9,31 @@ It does two jobs no in-process object can do across processes:
   its task (or replays the identical create under the same Idempotency-Key) instead of paying twice, and the
   sensor polls a bounded batch of due tasks.
 
-Beside them: the brief registry of the discovery schedule (`brief_versions.py`) and the spend report
-(`report.py`). One code path (SQLAlchemy 2 Core, tables in `schema.py`) serves SQLite (default: a file in
-DAGSTER_HOME) and PostgreSQL. `database.py` owns the engine and the lock: budget decisions are serialized with
-`BEGIN IMMEDIATE` on SQLite and `pg_advisory_xact_lock` on PostgreSQL; both last only for the transaction, and
-no lock is ever held across a create or a poll.
+Beside them: the spend report (`report.py`). One code path (SQLAlchemy 2 Core, tables in `schema.py`) serves SQLite
+(default: a file in DAGSTER_HOME) and PostgreSQL. `database.py` owns the engine and the lock: budget decisions are
+serialized with `BEGIN IMMEDIATE` on SQLite and `pg_advisory_xact_lock` on PostgreSQL; both last only for the
+transaction, and no lock is ever held across a create or a poll.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .brief_versions import BriefRegistry
 from .database import SUBMIT_LOCK_ID, LedgerDatabase
-from .report import SpendReport
-from .spend import RESEND_WINDOW, BudgetExceeded, CreditLimits, SpendGuard, StaleSubmission, SubmitDecision
-from .tasks import StatusUpdate, TaskRecord, TaskTracker
+from .report import UNKNOWN_OUTCOME_HINT, SpendReport
+from .spend import (
+    IDEMPOTENCY_WINDOW,
+    RESEND_WINDOW,
+    BudgetExceeded,
+    CreditLimits,
+    SpendGuard,
+    StaleSubmission,
+    SubmitDecision,
+)
+from .tasks import StatusUpdate, StoreRetryPolicy, TaskRecord, TaskTracker
 
 
-class Ledger(SpendGuard, TaskTracker, BriefRegistry, SpendReport):
+class Ledger(SpendGuard, TaskTracker, SpendReport):
     """The ledger at a SQLAlchemy URL: every part of it on one shared database. Safe to open from many processes.
 
     A caller that needs one concern only can be typed with that part (the poller takes a TaskTracker).
@@ -45,9 +51,10 @@ class Ledger(SpendGuard, TaskTracker, BriefRegistry, SpendReport):
 
 
 __all__ = [
+    "IDEMPOTENCY_WINDOW",
     "RESEND_WINDOW",
     "SUBMIT_LOCK_ID",
-    "BriefRegistry",
+    "UNKNOWN_OUTCOME_HINT",
     "BudgetExceeded",
     "CreditLimits",
     "Ledger",
@@ -56,6 +63,7 @@ __all__ = [
     "SpendReport",
     "StaleSubmission",
     "StatusUpdate",
+    "StoreRetryPolicy",
     "SubmitDecision",
     "TaskRecord",
     "TaskTracker",

@@ -8,10 +8,13 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
+from alembic.migration import MigrationContext
+from alembic.operations import Operations
 from filelock import FileLock
-from sqlalchemy import URL, Connection, Engine, create_engine, event, func, insert, make_url, select
+from sqlalchemy import URL, Column, Connection, Engine, create_engine, event, func, insert, make_url, select, update
 
-from .schema import SCHEMA_VERSION, ledger_meta, metadata
+from ..rivya.models import TaskStatus
+from .schema import SCHEMA_VERSION, ledger_meta, metadata, tasks
 
 DEFAULT_LEDGER_FILE = "rivya_ledger.sqlite"
 # Key of the PostgreSQL advisory lock that serializes budget decisions ("RivyaLdg" in ASCII).
@@ -77,16 +80,42 @@ class LedgerDatabase:
             yield conn
 
     def _create_schema(self) -> None:
-        """Create missing tables and check the schema version, serialized so concurrent first opens agree."""
+        """Create missing tables, migrate an older ledger and check the schema version, serialized so concurrent
+        first opens agree (the migration runs in the same transaction: a killed one leaves version 1 intact)."""
         with self.serialized() as conn:
             metadata.create_all(conn)
             found = conn.execute(select(ledger_meta.c.value).where(ledger_meta.c.key == "schema_version")).scalar()
             if found is None:
                 conn.execute(insert(ledger_meta).values(key="schema_version", value=SCHEMA_VERSION))
+            elif found == "1":
+                _migrate_1_to_2(conn)
             elif found != SCHEMA_VERSION:
                 raise RuntimeError(
                     f"ledger schema version {found} is not the version {SCHEMA_VERSION} this code understands"
                 )
+
+
+# Version 2 added these columns of rivya_tasks (schema.py has their meaning) and the store queue's index.
+_ADDED_IN_2 = ("poll_failures", "store_queued_at", "store_due_at", "store_attempts", "store_error", "store_gave_up_at")
+
+
+def _migrate_1_to_2(conn: Connection) -> None:
+    """Add the store queue and the poll backoff's columns; every video that is paid for and not stored yet is due."""
+    operations = Operations(MigrationContext.configure(conn))
+    for name in _ADDED_IN_2:
+        column = tasks.c[name]
+        operations.add_column(
+            tasks.name, Column(name, column.type, nullable=column.nullable, server_default=column.server_default)
+        )
+    for index in tasks.indexes:
+        if index.name in ("ix_rivya_tasks_store_due", "ix_rivya_tasks_store_gave_up"):
+            index.create(conn)
+    conn.execute(
+        update(tasks)
+        .where(tasks.c.status == TaskStatus.SUCCEEDED, tasks.c.stored_at.is_(None))
+        .values(store_queued_at=tasks.c.updated_at, store_due_at=tasks.c.updated_at)
+    )
+    conn.execute(update(ledger_meta).where(ledger_meta.c.key == "schema_version").values(value=SCHEMA_VERSION))
 
 
 def _sqlite_engine(url: URL) -> Engine:

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Column, DateTime, Index, Integer, MetaData, String, Table, Text, TypeDecorator
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 metadata = MetaData()
 
@@ -62,19 +62,22 @@ tasks = Table(
     Column("next_poll_at", UtcDateTime),
     Column("last_polled_at", UtcDateTime),
     Column("poll_count", Integer, nullable=False, default=0),
+    # Transient poll failures in a row: the next poll of a task waits longer after each (0 after an answer).
+    Column("poll_failures", Integer, nullable=False, default=0, server_default="0"),
     Column("stored_uri", Text),
     Column("stored_sha256", String(64)),
     Column("stored_at", UtcDateTime),
+    # The store queue: a succeeded task's video is due at store_due_at; NULL once it is stored or given up, so the
+    # queue's index holds only what still waits, however long the history grows.
+    Column("store_queued_at", UtcDateTime),  # when the task's success was first recorded: its store window opens
+    Column("store_due_at", UtcDateTime),
+    Column("store_attempts", Integer, nullable=False, default=0, server_default="0"),
+    Column("store_error", Text),  # the last failed attempt's reason
+    Column("store_gave_up_at", UtcDateTime),  # the store window ran out (or the result URL was refused)
+    Index("ix_rivya_tasks_store_due", "store_due_at"),
+    Index("ix_rivya_tasks_store_gave_up", "store_gave_up_at"),
     Index("ix_rivya_tasks_status_next_poll", "status", "next_poll_at"),
     Index("ix_rivya_tasks_run", "run_id"),
     Index("ix_rivya_tasks_submitted", "submitted_at"),
     Index("ix_rivya_tasks_brief_submitted", "brief_id", "submitted_at"),
-)
-
-brief_versions = Table(
-    "rivya_brief_versions",
-    metadata,
-    Column("brief_id", String(500), primary_key=True),
-    Column("content_hash", String(128), nullable=False),
-    Column("registered_at", UtcDateTime, nullable=False),
 )

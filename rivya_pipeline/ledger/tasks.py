@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Select, and_, bindparam, func, select, update
@@ -41,6 +41,12 @@ class TaskRecord:
     stored_sha256: str | None
     stored_at: datetime | None
     body: dict[str, Any]  # the request as sent (and re-sent): model, prompt, params
+    poll_failures: int = 0
+    store_queued_at: datetime | None = None
+    store_due_at: datetime | None = None  # None: not waiting to be stored (stored, given up, or not succeeded)
+    store_attempts: int = 0
+    store_error: str | None = None
+    store_gave_up_at: datetime | None = None
 
     @property
     def accepted_task_id(self) -> str:
@@ -62,6 +68,24 @@ class StatusUpdate:
     next_poll_at: datetime | None = None  # None: stop polling (terminal, or lost)
     error_code: str | None = None
     error_message: str | None = None
+    poll_failures: int = 0  # transient failures in a row, this poll's included (0: it was answered)
+
+
+@dataclass(frozen=True)
+class StoreRetryPolicy:
+    """How long a failed store waits before the next attempt, and until when a video is tried at all.
+
+    Storing is free, so it is retried for as long as the result can still be fetched: `window` from the task's
+    success (Rivya does not document how long result URLs live; 24 h is our default). The waits double from
+    `first_wait` up to `max_wait`, so an outage of an afternoon costs a few dozen attempts, not thousands."""
+
+    first_wait: timedelta = timedelta(minutes=1)
+    max_wait: timedelta = timedelta(minutes=30)
+    window: timedelta = timedelta(hours=24)
+
+    def wait_after(self, attempts: int) -> timedelta:
+        """The wait after the `attempts`-th failed attempt (1, 2, 4 ... times first_wait, capped)."""
+        return min(self.first_wait * 2 ** min(max(attempts - 1, 0), 30), self.max_wait)
 
 
 _RECORD_FIELDS = tuple(f.name for f in fields(TaskRecord))
@@ -158,6 +182,7 @@ class TaskTracker(LedgerPart):
             next_poll_at=bindparam("next_poll_at"),
             last_polled_at=bindparam("polled_at"),
             poll_count=tasks.c.poll_count + 1,
+            poll_failures=bindparam("poll_failures"),
             updated_at=bindparam("polled_at"),
         )
         by_task = tasks.c.task_id == bindparam("polled_task_id")
@@ -173,6 +198,8 @@ class TaskTracker(LedgerPart):
                 conn.execute(statement.where(by_task, not_terminal), pending)
             if final:
                 conn.execute(statement.where(by_task), final)
+                succeeded = [u.task_id for u in updates if u.status == TaskStatus.SUCCEEDED]
+                _queue_for_store(conn, succeeded, max(u.polled_at for u in updates))
             ids = {u.task_id for u in updates}
             known = set(conn.execute(select(tasks.c.task_id).where(tasks.c.task_id.in_(ids))).scalars())
             if ids - known:
@@ -213,14 +240,55 @@ class TaskTracker(LedgerPart):
 
     # -- storing ------------------------------------------------------------------------------------
 
-    def succeeded_unstored(self, limit: int) -> list[TaskRecord]:
-        """Succeeded tasks whose video is not in the store yet, oldest first (their URLs expire)."""
+    def due_for_store(self, now: datetime, limit: int) -> list[TaskRecord]:
+        """Videos whose store is due, longest waiting first (their URLs may expire). Served by the queue's index,
+        which holds only the videos still waiting: stored and given-up ones never take a place in it."""
         return self._many(
             select(tasks)
-            .where(tasks.c.status == TaskStatus.SUCCEEDED, tasks.c.stored_at.is_(None))
-            .order_by(tasks.c.updated_at, tasks.c.idempotency_key)
+            .where(tasks.c.store_due_at <= now)
+            .order_by(tasks.c.store_due_at, tasks.c.idempotency_key)
             .limit(limit)
         )
+
+    def gave_up_storing(self, limit: int = 1000) -> list[TaskRecord]:
+        """Paid videos never stored because their store window ran out (or the result was refused), newest first."""
+        return self._many(
+            select(tasks)
+            .where(tasks.c.store_gave_up_at.is_not(None), tasks.c.stored_at.is_(None))
+            .order_by(tasks.c.store_gave_up_at.desc(), tasks.c.idempotency_key)
+            .limit(limit)
+        )
+
+    def record_store_failure(
+        self, task_id: str, *, error: str, retry: StoreRetryPolicy, give_up: bool = False, now: datetime | None = None
+    ) -> TaskRecord | None:
+        """Count a failed store of a succeeded task and say when the next one is due; past the store window (or with
+        `give_up`, for a failure no retry can change) the video leaves the queue and is reported instead. A video
+        stored meanwhile (by another run), and a task that did not succeed, stay as they are; None: no such task."""
+        now = now or utc_now()
+        with self._db.write() as conn:
+            row = conn.execute(select(tasks).where(tasks.c.task_id == task_id)).first()
+            if row is None:
+                return None
+            record = _record(row)
+            if record.stored_at is None and record.status == TaskStatus.SUCCEEDED:
+                attempts = record.store_attempts + 1
+                next_due = now + retry.wait_after(attempts)
+                window_ends = (record.store_queued_at or now) + retry.window
+                gives_up = give_up or next_due > window_ends
+                conn.execute(
+                    update(tasks)
+                    .where(tasks.c.task_id == task_id)
+                    .values(
+                        store_attempts=attempts,
+                        store_error=error,
+                        store_due_at=None if gives_up else next_due,
+                        store_gave_up_at=now if gives_up else None,
+                        store_queued_at=record.store_queued_at or now,
+                        updated_at=now,
+                    )
+                )
+            return _record(conn.execute(select(tasks).where(tasks.c.task_id == task_id)).one())
 
     def mark_stored(self, task_id: str, *, uri: str, sha256: str, now: datetime | None = None) -> None:
         now = now or utc_now()
@@ -228,10 +296,33 @@ class TaskTracker(LedgerPart):
             updated = conn.execute(
                 update(tasks)
                 .where(tasks.c.task_id == task_id)
-                .values(stored_uri=uri, stored_sha256=sha256, stored_at=now, updated_at=now)
+                .values(
+                    stored_uri=uri,
+                    stored_sha256=sha256,
+                    stored_at=now,
+                    updated_at=now,
+                    store_due_at=None,
+                    store_gave_up_at=None,
+                )
             )
             if updated.rowcount == 0:
                 raise LookupError(f"no ledger row for task {task_id}")
+
+
+def _queue_for_store(conn: Connection, task_ids: Sequence[str], now: datetime) -> None:
+    """A task's first recorded success puts its video in the store queue, due at once; later records of the same
+    success (a replayed create, a store step that saw it first) leave its place and its attempts alone."""
+    if task_ids:
+        conn.execute(
+            update(tasks)
+            .where(
+                tasks.c.task_id.in_(task_ids),
+                tasks.c.status == TaskStatus.SUCCEEDED,
+                tasks.c.stored_at.is_(None),
+                tasks.c.store_queued_at.is_(None),
+            )
+            .values(store_queued_at=now, store_due_at=now)
+        )
 
 
 def _require_task(conn: Connection, task_id: str) -> None:
