@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 from .bench import BENCHMARKS, SCALE_PROFILES
 from .briefs import Brief, BriefErrors, load_briefs
-from .settings import REPO_ROOT, Settings, SettingsError
+from .settings import REPO_ROOT, UNBOUNDED_SPEND, Settings, SettingsError
 
 if TYPE_CHECKING:
     from .defs.video_qc import QcFailure
+    from .ledger import Ledger
     from .embedded import EmbeddedStack
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
@@ -43,6 +44,11 @@ def _dagster_home() -> Path:
         write_atomically(config, DEFAULT_CONFIG)
     os.environ["DAGSTER_HOME"] = str(home)
     return home
+
+
+def _warn_if_spend_is_unbounded() -> None:
+    if Settings.from_env().max_credits_per_day is None:
+        print(f"Warning: {UNBOUNDED_SPEND}", file=sys.stderr)
 
 
 def _cell(value: object) -> str:
@@ -123,6 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     if args.dry_run:
         return _dry_run(briefs, args.json)
+    _warn_if_spend_is_unbounded()
     if os.environ.get("RIVYA_API_KEY"):
         return _execute(briefs, args.requests, args.timeout, args.json)
     if os.environ.get("RIVYA_BASE_URL"):
@@ -165,6 +172,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     from .instance_setup import open_instance
 
     home = _dagster_home()
+    _warn_if_spend_is_unbounded()
     open_instance(home).dispose()  # repairs a set-up a killed process left half done, before the UI and daemon start
     with _embedded_stack(args):
         # The workspace file names the code location `rivya_pipeline`, as plain `dagster dev` does: same UI links.
@@ -200,16 +208,46 @@ def cmd_report(args: argparse.Namespace) -> int:
     now = utc_now()  # one clock for both, so a create is an unknown outcome in both or in neither
     rows = ledger.spend_report(now)
     unknown = ledger.unknown_outcomes(now)
+    not_stored = _videos_given_up(ledger)
     with open_instance(home) as instance:
         failures = qc_failures(instance)
     if args.json:
-        report = {"spend": rows, "qc_failures": [asdict(f) for f in failures], "unknown_outcomes": unknown}
+        report = {
+            "spend": rows,
+            "qc_failures": [asdict(f) for f in failures],
+            "unknown_outcomes": unknown,
+            "not_stored": not_stored,
+        }
         print(json.dumps(report, indent=2, default=str))
     else:
         _print_table(rows, ["day", "brief_id", "tasks", "reserved", "final", "refunded"])
         _print_unknown_outcomes(unknown)
+        _print_not_stored(not_stored)
         _print_qc_failures(failures)
     return EXIT_OK
+
+
+def _videos_given_up(ledger: Ledger) -> list[dict[str, Any]]:
+    """Paid videos the store queue gave up on (window ran out, or the result refused), with what to do."""
+    from .defs.storing import store_outlook
+
+    return [
+        {
+            "brief_id": r.brief_id,
+            "task_id": r.task_id,
+            "store_attempts": r.store_attempts,
+            "gave_up_at": r.store_gave_up_at,
+            "last_error": r.store_error,
+            "what_to_do": store_outlook(r),
+        }
+        for r in ledger.gave_up_storing()
+    ]
+
+
+def _print_not_stored(not_stored: list[dict[str, Any]]) -> None:
+    if not_stored:
+        print(f"\n{len(not_stored)} paid video(s) not stored: {not_stored[0]['what_to_do']}")
+        _print_table(not_stored, ["gave_up_at", "brief_id", "task_id", "store_attempts", "last_error"])
 
 
 def _print_unknown_outcomes(unknown: list[dict[str, Any]]) -> None:

@@ -98,6 +98,13 @@ def _qc_thresholds(env: Mapping[str, str]) -> dict[str, float]:
         raise SettingsError(f"{qc_variable(str(error['loc'][0]))}: {error['msg']} (got {error['input']})") from None
 
 
+# Said by `run`, `dev` and the credit-limits resource's page in the UI when no daily cap is set.
+UNBOUNDED_SPEND = (
+    "No daily credit cap is set (RIVYA_MAX_CREDITS_PER_DAY): spend is unbounded. Every new brief in the folder is "
+    "bought, and anyone who reaches the Dagster UI can launch paid runs."
+)
+
+
 @dataclass(frozen=True)
 class Settings:
     """One field per variable. A resource field with the same name is filled from it (see `build_resources`)."""

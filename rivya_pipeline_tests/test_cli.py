@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from rivya_pipeline.cli import parse_args
-from rivya_pipeline.emulator import FAIL_MARKER
+from rivya_pipeline.emulator import FAIL_MARKER, FaultRule
 from rivya_pipeline.emulator.config import video_fault_marker
 from rivya_pipeline.ledger import CreditLimits, Ledger
 from rivya_pipeline.settings import REPO_ROOT, utc_now
@@ -315,7 +315,7 @@ def test_report_lists_a_create_unanswered_past_the_idempotency_window_as_unknown
     assert re.search(rf"^\S+\s+brief-lost\s+{KLING_PRICE}\s+lost\s*$", text.stdout, re.MULTILINE), text.stdout
     assert "brief-in-flight" not in text.stdout.split("never got an answer")[1]
     report = json.loads(as_json.stdout)
-    assert set(report) == {"spend", "qc_failures", "unknown_outcomes"}  # the keys of before, and one more
+    assert set(report) == {"spend", "qc_failures", "unknown_outcomes", "not_stored"}  # the keys of before, and more
     (unknown,) = report["unknown_outcomes"]
     assert (unknown["brief_id"], unknown["idempotency_key"], unknown["price_credits"]) == ("brief-lost", "lost", 90)
     assert "will not re-send" in unknown["hint"]
@@ -378,3 +378,36 @@ def test_the_other_commands_still_refuse_options_they_lack():
 
     assert done.returncode == EXIT_INVALID
     assert "rivya-pipeline: error: unrecognized arguments: --port 8787" in done.stderr
+
+
+def test_run_and_report_name_a_paid_video_whose_store_window_ran_out_and_what_to_do(
+    tmp_path, configure_emulator, s3_bucket, s3_endpoint_url
+):
+    """Failure mode: a video given up on was only a line in a run's log; nobody knew it was paid and not stored."""
+    media_down = FaultRule(endpoint="media", kind="server_error", status=503)
+    emulator = configure_emulator(**FAST_LIFECYCLE, faults=[media_down])
+    env = cli_env(
+        api_key=TEST_API_KEY,
+        base_url=emulator.base_url,
+        bucket=s3_bucket[1],
+        s3_endpoint_url=s3_endpoint_url,
+        dagster_home=tmp_path / "dagster_home",
+    )
+    env |= {"RIVYA_STORE_RETRY_FIRST_SECONDS": "0.2", "RIVYA_STORE_WINDOW_HOURS": str(2 / 3600)}  # 2 s
+    folder = tmp_path / "requests"
+    folder.mkdir()
+    shutil.copy(REPO_ROOT / "requests" / "text-only.yaml", folder)
+
+    run = run_cli(["run", "--requests", str(folder), "--timeout", "60"], env, tmp_path)
+    capped = run_cli(["run", "--requests", str(folder)], env | {"RIVYA_MAX_CREDITS_PER_DAY": "900"}, tmp_path)
+    text, as_json = run_cli(["report"], env, tmp_path), run_cli(["report", "--json"], env, tmp_path)
+
+    assert run.returncode == EXIT_FAILED, run.stdout + run.stderr
+    assert "store_gave_up" in run.stdout and "materialize stored_video for this partition" in run.stdout
+    assert "spend is unbounded" in run.stderr and "spend is unbounded" not in capped.stderr
+    assert "store_gave_up" in capped.stdout  # reported again, not tried again: it left the store queue
+    assert "1 paid video(s) not stored: Given up after" in text.stdout
+    (not_stored,) = json.loads(as_json.stdout)["not_stored"]
+    assert not_stored["brief_id"] == "sunrise-timelapse" and not_stored["store_attempts"] >= 2
+    assert "media host answered HTTP 503" in not_stored["last_error"]
+    assert len(emulator.stats()["charges"]) == 1

@@ -33,7 +33,7 @@ from rivya_pipeline.defs.resources import RivyaResource
 from rivya_pipeline.defs.storing import STORE_FAILED
 from rivya_pipeline.emulator import FAIL_MARKER, FaultRule
 from rivya_pipeline.headless import HeadlessRun, failure_text
-from rivya_pipeline.settings import REPO_ROOT, Settings, utc_now
+from rivya_pipeline.settings import REPO_ROOT, UNBOUNDED_SPEND, Settings, utc_now
 from rivya_pipeline_tests.fixtures_emulator import TEST_API_KEY, TEST_CREDITS
 from rivya_pipeline_tests.fixtures_pipeline import SAMPLE_BRIEFS, stored_videos
 from rivya_pipeline_tests.helpers import KLING_PRICE, materialization, metadata_values, s3_bytes, s3_keys
@@ -483,3 +483,12 @@ def test_no_store_run_is_requested_while_a_run_of_the_partition_is_storing(pipel
 
     pipeline.instance.report_run_failed(manual)
     assert pipeline.store_requests([pipeline.tick()]).keys() == {"sunrise-timelapse"}
+
+
+def test_the_credit_limits_page_in_the_ui_says_spend_is_unbounded_without_a_daily_cap():
+    def page(settings: Settings) -> str:
+        return build_definitions(settings).get_repository_def().get_top_level_resources()["credit_limits"].description
+
+    assert page(dataclasses.replace(DISTINCT_SETTINGS, max_credits_per_day=None)).startswith(UNBOUNDED_SPEND)
+    assert UNBOUNDED_SPEND not in page(DISTINCT_SETTINGS)  # a cap of 900 credits a day
+    assert page(DISTINCT_SETTINGS).startswith("Spend caps checked before every paid submit")

@@ -7,6 +7,7 @@ variable's name, never its value. Every other field has the name of the setting 
 
 from __future__ import annotations
 
+import inspect
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,7 +23,7 @@ from ..polling import TaskPoller
 from ..qc.thresholds import QcThresholds
 from ..rivya import RetryPolicy, RivyaClient
 from ..rivya.media import MediaFetcher
-from ..settings import DEFAULT_BASE_URL, Settings
+from ..settings import DEFAULT_BASE_URL, UNBOUNDED_SPEND, Settings
 from ..storage import VideoStore, shared_s3_client
 
 # The pool of generation_task, the paid create: bounds creates in flight across all runs of an instance.
@@ -116,6 +117,13 @@ class CreditLimitsResource(ConfigurableResource):
     min_wallet_credits: int = Field(
         default=0, description="Credits that must remain in the Rivya wallet after a submit; 0 for no floor."
     )
+
+    def model_post_init(self, context: Any) -> None:
+        """The resource's page in the UI shows its description: without a daily cap it says that spend is unbounded
+        (Dagster reads the description from the instance's __doc__)."""
+        super().model_post_init(context)
+        if self.max_credits_per_day is None:
+            object.__setattr__(self, "__doc__", f"{UNBOUNDED_SPEND}\n\n{inspect.cleandoc(type(self).__doc__ or '')}")
 
     def limits(self) -> CreditLimits:
         return CreditLimits(
