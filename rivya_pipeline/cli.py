@@ -25,8 +25,8 @@ from .settings import REPO_ROOT, UNBOUNDED_SPEND, Settings, SettingsError
 
 if TYPE_CHECKING:
     from .defs.video_qc import QcFailure
-    from .ledger import Ledger
     from .embedded import EmbeddedStack
+    from .ledger import Ledger
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 DEMO_DIR = REPO_ROOT / ".demo"

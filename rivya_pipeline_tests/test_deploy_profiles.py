@@ -179,6 +179,14 @@ def test_helm_values_carry_the_limits_of_the_k8s_profile():
     )
 
 
+def test_helm_values_keep_the_webserver_inside_the_cluster():
+    """Failure mode: a webserver without a login reachable from outside, where anyone can launch paid runs."""
+    values = loaded_yaml(DEPLOY / "k8s" / "values.yaml")
+
+    assert values["dagsterWebserver"]["service"]["type"] == "ClusterIP"
+    assert "ingress" not in values or not values["ingress"].get("enabled")
+
+
 def test_k8s_code_location_runs_every_job_on_dagsters_executor_with_valid_config():
     defs = import_file(DEPLOY / "k8s" / "definitions.py").defs
 

@@ -178,9 +178,10 @@ def resend_requests(instance: DagsterInstance, tasks: TaskTracker, now: datetime
     jobs=[store_videos, store_video_job, resend_job],
     default_status=DefaultSensorStatus.RUNNING,
     # Plain text: the sensor page shows descriptions as typed (no Markdown, unlike asset pages).
-    description="Polls Rivya for tasks that have no stored video yet (documented cadence, bounded per tick), "
-    "records status changes, reports failures with their refund and tasks past their deadline, and stores the "
-    "videos of succeeded tasks in store_videos batches (a video a batch did not store is retried alone).",
+    description="Polls Rivya for tasks that have no stored video yet (documented cadence, bounded per tick, backing "
+    "off while Rivya is down), records status changes, reports failures with their refund and tasks past their "
+    "deadline, and stores the videos of succeeded tasks in store_videos batches. A failed store is retried alone "
+    "after 1, 2, 4 ... minutes (capped) for 24 h from the task's success, then reported on its partition.",
 )
 def pending_generation_tasks(
     context: SensorEvaluationContext, rivya: RivyaResource, ledger: LedgerResource
@@ -194,9 +195,14 @@ def pending_generation_tasks(
         )
     for record in report.timed_out:
         context.log.warning(f"task {record.task_id} (brief {record.brief_id}) passed its deadline; no longer polled")
+    if report.api_unavailable:
+        context.log.warning(
+            "Rivya answered no poll this tick (down?): due tasks wait for a later tick, each backing off"
+        )
     now = utc_now()
     run_requests = store_requests(context.instance, tasks, now) + resend_requests(context.instance, tasks, now)
     events = poll_observations(report)
     if not run_requests and not events:
-        return SkipReason(f"polled {report.polled} task(s), no status changes")
+        down = "; Rivya answered none (down?), polls back off" if report.api_unavailable else ""
+        return SkipReason(f"polled {report.polled} task(s), no status changes{down}")
     return SensorResult(run_requests=run_requests, asset_events=events)
