@@ -8,10 +8,12 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from dagster import DagsterRunStatus, RunsFilter
+from dagster_graphql.test.utils import define_out_of_process_context, execute_dagster_graphql, infer_schedule_selector
 
 from rivya_pipeline.briefs import load_briefs
 from rivya_pipeline.defs.schedules import VERSION_TAG, brief_version
 from rivya_pipeline.headless import HeadlessRun
+from rivya_pipeline.settings import REPO_ROOT
 from rivya_pipeline_tests.fixtures_pipeline import SAMPLE_BRIEFS
 
 TICK = datetime(2026, 5, 11, 8, tzinfo=UTC)
@@ -92,3 +94,38 @@ def test_briefs_the_headless_command_bought_are_not_launched_again_by_discovery(
     (submit_run,) = pipeline.instance.get_runs(RunsFilter(tags={VERSION_TAG: brief_version(briefs[0])}))
     assert submit_run.tags["dagster/partition"] == "sunrise-timelapse"
     assert len(emulator.stats()["charges"]) == 1
+
+
+SCHEDULE_DRY_RUN = """
+mutation ($selector: ScheduleSelector!, $timestamp: Float) {
+  scheduleDryRun(selectorData: $selector, timestamp: $timestamp) {
+    __typename
+    ... on DryRunInstigationTick { evaluationResult { runRequests { runKey } skipReason error { message } } }
+    ... on PythonError { message }
+  }
+}
+"""
+
+
+def test_test_schedule_in_the_ui_twice_then_the_tick_still_launches_every_brief(pipeline, monkeypatch):
+    """The UI's own "Test Schedule" (GraphQL scheduleDryRun) against the code location in a code server process, as
+    `dagster dev` serves it: evaluating twice launches nothing and hides nothing."""
+    env = {"RIVYA_REQUESTS_PATH": str(pipeline.requests_path), "RIVYA_LEDGER_URL": pipeline.settings.ledger_url}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with define_out_of_process_context(str(REPO_ROOT / "workspace.yaml"), None, pipeline.instance) as context:
+        selector = infer_schedule_selector(context, "brief_discovery")
+
+        def test_schedule() -> set[str]:
+            answer = execute_dagster_graphql(
+                context, SCHEDULE_DRY_RUN, variables={"selector": selector, "timestamp": TICK.timestamp()}
+            )
+            result = answer.data["scheduleDryRun"]
+            assert result["__typename"] == "DryRunInstigationTick", result
+            return {r["runKey"] for r in result["evaluationResult"]["runRequests"]}
+
+        tested = [test_schedule(), test_schedule()]
+
+    assert tested[0] == tested[1] and len(tested[0]) == len(SAMPLE_BRIEFS)
+    assert pipeline.instance.get_runs_count() == 0
+    assert {r.run_key for r in pipeline.discover(TICK + timedelta(hours=1)).run_requests} == tested[0]
