@@ -86,7 +86,8 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Compl
 
 @pytest.fixture
 def cli(tmp_path, configure_emulator, s3_bucket, s3_endpoint_url) -> Callable[..., subprocess.CompletedProcess[str]]:
-    """`cli("run", "--requests", path)`: the command against the emulator (fast lifecycle) and the test bucket."""
+    """`cli("run", "--requests", path)`: the command against the emulator (fast lifecycle) and the test bucket;
+    `cli(..., RIVYA_X="1")` sets more variables."""
     emulator = configure_emulator(**FAST_LIFECYCLE)
     env = cli_env(
         api_key=TEST_API_KEY,
@@ -95,7 +96,7 @@ def cli(tmp_path, configure_emulator, s3_bucket, s3_endpoint_url) -> Callable[..
         s3_endpoint_url=s3_endpoint_url,
         dagster_home=tmp_path / "dagster_home",
     )
-    return lambda *args: run_cli(list(args), env, tmp_path)
+    return lambda *args, **more_env: run_cli(list(args), env | more_env, tmp_path)
 
 
 def sample_folder(tmp_path: Path) -> Path:
@@ -380,27 +381,17 @@ def test_the_other_commands_still_refuse_options_they_lack():
     assert "rivya-pipeline: error: unrecognized arguments: --port 8787" in done.stderr
 
 
-def test_run_and_report_name_a_paid_video_whose_store_window_ran_out_and_what_to_do(
-    tmp_path, configure_emulator, s3_bucket, s3_endpoint_url
-):
+def test_run_and_report_name_a_paid_video_whose_store_window_ran_out_and_what_to_do(tmp_path, cli, emulator):
     """Failure mode: a video given up on was only a line in a run's log; nobody knew it was paid and not stored."""
-    media_down = FaultRule(endpoint="media", kind="server_error", status=503)
-    emulator = configure_emulator(**FAST_LIFECYCLE, faults=[media_down])
-    env = cli_env(
-        api_key=TEST_API_KEY,
-        base_url=emulator.base_url,
-        bucket=s3_bucket[1],
-        s3_endpoint_url=s3_endpoint_url,
-        dagster_home=tmp_path / "dagster_home",
-    )
-    env |= {"RIVYA_STORE_RETRY_FIRST_SECONDS": "0.2", "RIVYA_STORE_WINDOW_HOURS": str(2 / 3600)}  # 2 s
+    emulator.set_faults([FaultRule(endpoint="media", kind="server_error", status=503)])
+    fast = {"RIVYA_STORE_RETRY_FIRST_SECONDS": "0.2", "RIVYA_STORE_WINDOW_HOURS": str(2 / 3600)}  # a 2 s window
     folder = tmp_path / "requests"
     folder.mkdir()
     shutil.copy(REPO_ROOT / "requests" / "text-only.yaml", folder)
 
-    run = run_cli(["run", "--requests", str(folder), "--timeout", "60"], env, tmp_path)
-    capped = run_cli(["run", "--requests", str(folder)], env | {"RIVYA_MAX_CREDITS_PER_DAY": "900"}, tmp_path)
-    text, as_json = run_cli(["report"], env, tmp_path), run_cli(["report", "--json"], env, tmp_path)
+    run = cli("run", "--requests", str(folder), "--timeout", "60", **fast)
+    capped = cli("run", "--requests", str(folder), RIVYA_MAX_CREDITS_PER_DAY="900", **fast)
+    text, as_json = cli("report"), cli("report", "--json")
 
     assert run.returncode == EXIT_FAILED, run.stdout + run.stderr
     assert "store_gave_up" in run.stdout and "materialize stored_video for this partition" in run.stdout

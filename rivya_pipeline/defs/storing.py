@@ -51,29 +51,71 @@ def store_video(
     video_storage: VideoStorageResource,
     video_qc: VideoQcResource,
 ) -> Iterator[AssetObservation | StoredVideo]:
-    """`_store_video`, with every failure recorded: the ledger counts it and says when the video is due again (or
-    that its store window ran out), the partition gets an observation saying so, and the `Failure` repeats it.
+    """Wait for the task's end, stream its video to S3 and verify it; a `Failure` says what happens next.
 
-    Storing is free, so nothing here gives up early: whatever failed (the media host, S3, Rivya's answer to the
-    re-read of the task, a killed connection), the sensor tries again after the backoff, within the window."""
+    An observation of the task's end comes first when this store saw it before the sensor did: yielded, not
+    logged, so it is kept even if the store then fails. Every failure of a succeeded task's store is recorded
+    (`failure_recorded`): storing is free, so nothing here gives up early."""
     try:
-        yield from _store_video(
-            handle, run_id=run_id, tasks=tasks, rivya=rivya, video_storage=video_storage, video_qc=video_qc
+        try:
+            task = wait_for_terminal(
+                rivya.client(), handle.task_id, submitted_at=handle.submitted_at, deadline_at=handle.deadline_at
+            )
+        except TaskDeadlineExceeded as exc:
+            raise Failure(str(exc), allow_retries=False) from None
+        if record_news(tasks, task):
+            yield events.generation_task_observation(handle.brief_id, task)
+        if task.status == TaskStatus.FAILED:
+            error = task.error.code if task.error else "generation_failed"
+            raise Failure(
+                f"Task {task.id} failed ({error}); {task.refunded_credits} credits refunded. Nothing stored.",
+                allow_retries=False,
+            )
+        with rivya.media_fetcher() as fetcher, refused_media_reported(task.id):
+            delivery = deliver_video(
+                task=task,
+                brief_id=handle.brief_id,
+                fetcher=fetcher,
+                store=video_storage.store(),
+                lineage=events.sidecar_lineage(handle, run_id),
+                qc_thresholds=video_qc.thresholds(),
+            )
+        tasks.mark_stored(task.id, uri=delivery.video.uri, sha256=delivery.video.sha256)
+        yield StoredVideo(
+            metadata={**events.stored_video_metadata(delivery, task, handle), **picture_metadata(delivery)},
+            checks=[
+                *events.stored_video_checks(delivery, handle),
+                *qc_check_results(delivery, handle, video_qc.thresholds()),
+            ],
         )
     except Exception as exc:
-        reason = exc.description if isinstance(exc, Failure) and exc.description else f"{type(exc).__name__}: {exc}"
-        record = tasks.record_store_failure(
-            handle.task_id, error=reason, retry=video_storage.retry_policy(), give_up=isinstance(exc, ResultRefused)
-        )
-        if record is None or record.status != TaskStatus.SUCCEEDED:
-            raise  # no such task, or it failed or is still running: no video to store, no place in the store queue
-        next_step = store_outlook(record)
-        yield AssetObservation(
-            "stored_video",
-            partition=handle.brief_id,
-            metadata={STORE_FAILED: reason, "task_id": handle.task_id, "next": next_step},
-        )
-        raise Failure(f"{reason}. {next_step}", allow_retries=False) from None
+        observation, failure = failure_recorded(exc, handle, tasks, video_storage)
+        if observation is None or failure is None:
+            raise
+        yield observation
+        raise failure from None
+
+
+def failure_recorded(
+    exc: Exception, handle: TaskHandle, tasks: TaskTracker, video_storage: VideoStorageResource
+) -> tuple[AssetObservation, Failure] | tuple[None, None]:
+    """The ledger counts a failed store and says when the video is due again (or that its store window ran out);
+    the partition gets an observation saying so, and the `Failure` repeats it. Whatever failed (the media host, S3,
+    Rivya's answer to the re-read of the task, a killed connection), the sensor tries again after the backoff.
+    (None, None): no video to store (no such task, or it failed or is still running)."""
+    reason = exc.description if isinstance(exc, Failure) and exc.description else f"{type(exc).__name__}: {exc}"
+    record = tasks.record_store_failure(
+        handle.task_id, error=reason, retry=video_storage.retry_policy(), give_up=isinstance(exc, ResultRefused)
+    )
+    if record is None or record.status != TaskStatus.SUCCEEDED:
+        return None, None
+    next_step = store_outlook(record)
+    observation = AssetObservation(
+        "stored_video",
+        partition=handle.brief_id,
+        metadata={STORE_FAILED: reason, "task_id": handle.task_id, "next": next_step},
+    )
+    return observation, Failure(f"{reason}. {next_step}", allow_retries=False)
 
 
 def store_outlook(record: TaskRecord) -> str:
@@ -89,52 +131,6 @@ def store_outlook(record: TaskRecord) -> str:
         f"Given up after {record.store_attempts} attempt(s): the store window ran out or the result was refused. "
         "Fix the cause, then materialize stored_video for this partition (it reads the task again for a fresh "
         "result URL; nothing is bought again)."
-    )
-
-
-def _store_video(
-    handle: TaskHandle,
-    *,
-    run_id: str,
-    tasks: TaskTracker,
-    rivya: RivyaResource,
-    video_storage: VideoStorageResource,
-    video_qc: VideoQcResource,
-) -> Iterator[AssetObservation | StoredVideo]:
-    """Wait for the task's end, stream its video to S3 and verify it; a `Failure` says whether a retry can help.
-
-    An observation of the task's end comes first when this store saw it before the sensor did: yielded, not
-    logged, so it is kept even if the store then fails."""
-    try:
-        task = wait_for_terminal(
-            rivya.client(), handle.task_id, submitted_at=handle.submitted_at, deadline_at=handle.deadline_at
-        )
-    except TaskDeadlineExceeded as exc:
-        raise Failure(str(exc), allow_retries=False) from None
-    if record_news(tasks, task):
-        yield events.generation_task_observation(handle.brief_id, task)
-    if task.status == TaskStatus.FAILED:
-        error = task.error.code if task.error else "generation_failed"
-        raise Failure(
-            f"Task {task.id} failed ({error}); {task.refunded_credits} credits refunded. Nothing stored.",
-            allow_retries=False,
-        )
-    with rivya.media_fetcher() as fetcher, refused_media_reported(task.id):
-        delivery = deliver_video(
-            task=task,
-            brief_id=handle.brief_id,
-            fetcher=fetcher,
-            store=video_storage.store(),
-            lineage=events.sidecar_lineage(handle, run_id),
-            qc_thresholds=video_qc.thresholds(),
-        )
-    tasks.mark_stored(task.id, uri=delivery.video.uri, sha256=delivery.video.sha256)
-    yield StoredVideo(
-        metadata={**events.stored_video_metadata(delivery, task, handle), **picture_metadata(delivery)},
-        checks=[
-            *events.stored_video_checks(delivery, handle),
-            *qc_check_results(delivery, handle, video_qc.thresholds()),
-        ],
     )
 
 
