@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test dev workers lint bench clean
+.PHONY: setup demo test soak dev workers lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,10 @@ demo: setup
 test: lint
 	.ci/ensure-chromium
 	$(BIN)/pytest
+
+# Daemon deaths and lost PostgreSQL/RabbitMQ connections, minutes each: reproductions of open bugs (README).
+soak: setup
+	$(BIN)/pytest -m soak
 
 dev: setup
 	$(BIN)/rivya-pipeline dev

@@ -10,22 +10,16 @@ in the instance's config. Every process the test starts is killed when it ends, 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import os
 import re
-import sys
-import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
 import pytest
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 from dagster._core.storage.tags import PARENT_RUN_ID_TAG, RUN_KEY_TAG
-from kombu.connection import Connection
 
 from rivya_pipeline.cli import EXIT_INVALID, main
 from rivya_pipeline.defs.inputs import TASK_TAG
@@ -35,50 +29,37 @@ from rivya_pipeline.defs.store_batch import STORE_VIDEOS_JOB, batched_task_ids
 from rivya_pipeline.emulator import FaultRule, RivyaEmulator
 from rivya_pipeline.ledger import Ledger
 from rivya_pipeline.settings import Settings
-from rivya_pipeline.workers import (
-    CELERY_PROFILE,
-    CeleryTarget,
-    ServiceProcesses,
-    daemon_command,
-    delete_queue,
-    profile_with,
-)
+from rivya_pipeline.workers import CeleryTarget, ServiceProcesses, delete_queue
 from rivya_pipeline_tests.fixtures_emulator import TEST_ACCOUNT, TEST_API_KEY, TEST_CREDITS
-from rivya_pipeline_tests.fixtures_postgres import pg_env
-from rivya_pipeline_tests.helpers import KLING_PRICE, s3_bytes, s3_keys
-from rivya_pipeline_tests.pipeline_process import settings_env
+from rivya_pipeline_tests.helpers import KLING_PRICE, s3_bytes
+from rivya_pipeline_tests.warm_workers import (
+    BROKER,
+    broker_queue_name,
+    deployment_variables,
+    s3_videos,
+    services_env,
+    skip_without_broker,
+    start_warm_services,
+    stored_briefs,
+    wait_for,
+    warm_settings,
+    write_celery_home,
+)
 
-BROKER = "pyamqp://guest@127.0.0.1:5672//"
 BRIEFS = [f"warm-{index}" for index in range(6)]
 WORKERS = 2  # one pool process each: at most two runs execute at once, which makes the moments to kill findable
-EVERY_MINUTE = "* * * * *"
 # Long enough to outlast what the other pool process does meanwhile on a loaded machine; the kill ends them sooner.
 STALL_SECONDS = 240.0
 TRICKLE_BYTES_PER_SECOND = 4000  # a result video (about 700 kB) then takes minutes to download
-# Generous: the first discovery tick alone is up to a minute away, and the machine is shared.
-DEADLINE_SECONDS = 300.0
-POLL_SECONDS = 0.5
 INSTANCE_OVERRIDES = {
     "run_monitoring": {"poll_interval_seconds": 1, "free_slots_after_run_end_seconds": 1},
 }
-STORED_VIDEO = AssetKey("stored_video")
-CLI = Path(sys.executable).with_name("rivya-pipeline")
 STARTED_PID = re.compile(r"Started process for run \(pid: (\d+)\)")
-T = TypeVar("T")
-
-
-def broker_queue_name() -> str:
-    """A queue of this test's own: other stacks may share the broker, and must never take its runs."""
-    return f"rivya-test-{uuid.uuid4().hex[:12]}"
 
 
 @pytest.fixture
 def celery_target(pg_database: str) -> Iterator[CeleryTarget]:
-    try:
-        with Connection(BROKER, connect_timeout=5) as connection:
-            connection.ensure_connection(max_retries=1)
-    except OSError as exc:
-        pytest.skip(f"RabbitMQ at 127.0.0.1:5672 is unreachable: {exc}")
+    skip_without_broker(BROKER)
     backend = f"db+postgresql+psycopg2://postgres@127.0.0.1:5432/{pg_database}"
     target = CeleryTarget(broker=BROKER, backend=backend, queue=broker_queue_name())
     yield target
@@ -88,29 +69,16 @@ def celery_target(pg_database: str) -> Iterator[CeleryTarget]:
 @pytest.fixture
 def celery_home(tmp_path: Path, celery_target: CeleryTarget) -> Path:
     """DAGSTER_HOME with the profile; only the queue and the monitoring intervals differ."""
-    home = tmp_path / "celery_home"
-    home.mkdir()
-    overrides = INSTANCE_OVERRIDES | {"run_launcher": {"config": {"default_queue": celery_target.queue}}}
-    (home / "dagster.yaml").write_text(profile_with(CELERY_PROFILE, overrides), encoding="utf-8")
-    return home
+    return write_celery_home(tmp_path / "celery_home", celery_target.queue, INSTANCE_OVERRIDES)
 
 
 @pytest.fixture
 def settings(pipeline_settings: Settings, tmp_path: Path) -> Settings:
     """Six text-only briefs in a folder of their own; discovery every minute; the ledger follows the instance."""
-    folder = tmp_path / "warm_briefs"
-    folder.mkdir()
-    for index, brief_id in enumerate(BRIEFS):
-        (folder / f"{brief_id}.yaml").write_text(
-            f"id: {brief_id}\nprompt: Take {index} of a paper kite over a windy beach at dawn.\n"
-            "params: {duration: 5, aspect_ratio: '16:9'}\n",
-            encoding="utf-8",
-        )
-    return dataclasses.replace(
+    return warm_settings(
         pipeline_settings,
-        requests_path=folder,
-        ledger_url=None,
-        discovery_cron=EVERY_MINUTE,
+        tmp_path / "warm_briefs",
+        BRIEFS,
         request_timeout_seconds=STALL_SECONDS * 2,  # the stalled create waits for its kill, not for a client timeout
     )
 
@@ -120,11 +88,7 @@ def deployment_env(
     celery_home: Path, celery_target: CeleryTarget, pg_database: str, monkeypatch: pytest.MonkeyPatch
 ) -> dict[str, str]:
     """What every machine of the deployment sets (this process too, which opens the same instance)."""
-    env = pg_env(pg_database) | {
-        "DAGSTER_HOME": str(celery_home),
-        "DAGSTER_CELERY_BROKER_URL": celery_target.broker,
-        "DAGSTER_CELERY_BACKEND_URL": celery_target.backend,
-    }
+    env = deployment_variables(celery_home, pg_database, celery_target)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return env
@@ -147,33 +111,11 @@ def services(
     tmp_path: Path,
 ) -> Iterator[ServiceProcesses]:
     """The daemon and two workers, configured as a deployment is: through their environment only."""
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("RIVYA_", "DAGSTER_"))}
-    env = inherited | settings_env(settings) | deployment_env | {"RIVYA_API_KEY": TEST_API_KEY}
-    processes = ServiceProcesses(env, log_dir=tmp_path / "logs")
+    processes = ServiceProcesses(services_env(settings, deployment_env), log_dir=tmp_path / "logs")
     try:
-        processes.start("daemon", daemon_command())
-        processes.start("workers", [str(CLI), "workers", "--count", str(WORKERS), "--concurrency", "1"])
-        yield processes
+        yield start_warm_services(processes, WORKERS)
     finally:
         processes.stop()
-
-
-def wait_for(condition: Callable[[], T | None], what: str, services: ServiceProcesses) -> T:
-    """Polls until `condition()` gives something; fails at once if a service died, and after the deadline."""
-    give_up = time.monotonic() + DEADLINE_SECONDS
-    while True:
-        value = condition()
-        if value:
-            return value
-        if services.exited():
-            raise AssertionError(f"a service exited while waiting for {what}: {services.exited()}; {services.log_dir}")
-        if time.monotonic() > give_up:
-            raise AssertionError(f"gave up waiting for {what} after {DEADLINE_SECONDS:.0f} s; {services.log_dir}")
-        time.sleep(POLL_SECONDS)
-
-
-def stored_briefs(instance: DagsterInstance) -> set[str]:
-    return set(instance.get_materialized_partitions(STORED_VIDEO))
 
 
 def stored_tasks_of(run: DagsterRun) -> set[str]:
@@ -245,15 +187,6 @@ def generation_actions(instance: DagsterInstance, brief_id: str) -> list[str]:
 def pool_is_free(instance: DagsterInstance) -> bool:
     info = instance.event_log_storage.get_concurrency_info(PAID_CREATE_POOL)
     return not info.claimed_slots and not info.pending_steps
-
-
-def s3_videos(s3_bucket: tuple[Any, str], prefix: str) -> dict[str, list[str]]:
-    """brief id -> the keys of its video objects (.mp4) under the prefix."""
-    videos: dict[str, list[str]] = {}
-    for key in s3_keys(s3_bucket, f"{prefix}/"):
-        if key.endswith(".mp4"):
-            videos.setdefault(key.split("/")[-2], []).append(key)
-    return videos
 
 
 @pytest.mark.postgres
