@@ -2,7 +2,8 @@
 
 A succeeded task's result URL is data from the API, not ours: an http URL, a private or loopback host, a
 redirect to a refused target and a body over the size cap are each refused, reported with the rule that
-stopped them, and leave nothing in S3 (no object at the key, no open multipart upload).
+stopped them, given up at once (no retry can change them: they leave the store queue), and leave nothing in S3
+(no object at the key, no open multipart upload).
 
 A redirect from a public https host to a private address cannot be staged on 127.0.0.1 (the first hop
 would have to be public https); the redirect case here uses local media mode, where every hop still has
@@ -53,10 +54,11 @@ def test_hostile_result_is_refused_reported_and_nothing_is_stored(case, make_pip
 
     (outcome,) = HeadlessRun(settings=pipeline.settings, instance=pipeline.instance).run([brief], timeout_seconds=60)
 
-    assert outcome.status == "store_failed"
+    assert outcome.status == "store_gave_up"
     assert message in outcome.error
     assert outcome.s3_uri is None
-    assert pipeline.ledger.find_by_task(outcome.task_id).stored_uri is None
+    record = pipeline.ledger.find_by_task(outcome.task_id)
+    assert (record.stored_uri, record.store_due_at, record.store_attempts) == (None, None, 1)
     client, bucket = s3_bucket
     assert client.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
     assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
