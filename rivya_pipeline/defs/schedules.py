@@ -64,7 +64,7 @@ def build_discovery_schedule(cron: str) -> ScheduleDefinition:
         default_status=DefaultScheduleStatus.RUNNING,
         description="Scans the briefs folder; adds a partition per new brief and launches a run for every brief "
         "version that has no run yet (run key and tag = brief id + content hash, so one version is never launched "
-        "twice). Evaluating it launches nothing by itself: a test evaluation hides no brief from the next tick.",
+        "twice). Evaluating it launches nothing by itself: a test evaluation hides no brief from later ticks.",
     )
     def brief_discovery(context: ScheduleEvaluationContext, briefs: BriefsResource) -> list[RunRequest] | SkipReason:
         found, errors = scan_briefs(briefs.folder())
