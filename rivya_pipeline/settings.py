@@ -131,6 +131,7 @@ class Settings:
     store_retry_first_seconds: float
     store_retry_max_seconds: float
     store_window_hours: float
+    relaunch_first_seconds: float
     # The QC checks' thresholds, named as in QcThresholds (see there for their meaning and defaults).
     black_pixel_luma: float
     black_picture_share: float
@@ -167,5 +168,6 @@ class Settings:
             store_retry_first_seconds=_float(env, "RIVYA_STORE_RETRY_FIRST_SECONDS", 60.0),
             store_retry_max_seconds=_float(env, "RIVYA_STORE_RETRY_MAX_SECONDS", 1800.0),
             store_window_hours=_float(env, "RIVYA_STORE_WINDOW_HOURS", 24.0),
+            relaunch_first_seconds=_float(env, "RIVYA_RELAUNCH_FIRST_SECONDS", 60.0),
             **_qc_thresholds(env),
         )

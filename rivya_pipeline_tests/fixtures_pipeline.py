@@ -42,6 +42,7 @@ FAST_LIFECYCLE = {"queued_seconds": 0.1, "processing_seconds": 0.3}
 TICK_PAUSE_SECONDS = 0.5
 # The store backoff on a scaled clock: 0.2 s, 0.4 s ... up to 1 s between attempts, instead of 1 min ... 30 min.
 FAST_STORE_RETRY = {"store_retry_first_seconds": 0.2, "store_retry_max_seconds": 1.0}
+FAST_RELAUNCH = {"relaunch_first_seconds": 0.2}  # discovery relaunches a dead version after 0.2, 0.4, 0.8 s
 TICK_GIVE_UP_SECONDS = 30.0
 
 
@@ -101,10 +102,16 @@ class Pipeline:
                 by_brief[request.partition_key] = request
         return by_brief
 
-    def record_launch(self, request: RunRequest, status: DagsterRunStatus = DagsterRunStatus.SUCCESS) -> None:
+    def record_launch(
+        self,
+        request: RunRequest,
+        status: DagsterRunStatus = DagsterRunStatus.SUCCESS,
+        extra_tags: dict[str, str] | None = None,
+    ) -> None:
         """Dagster's record of a schedule request the daemon launched (or, NOT_STARTED, created and then died),
-        with the tags it puts on such a run, without running it."""
+        with the tags it puts on such a run (and `extra_tags`, as a step adds them), without running it."""
         tags = {
+            **(extra_tags or {}),
             **request.tags,
             "dagster/run_key": str(request.run_key),
             "dagster/partition": str(request.partition_key),
@@ -190,6 +197,7 @@ def pipeline_settings(
         allow_local_media=True,
         ledger_url=f"sqlite:///{tmp_path / 'ledger.sqlite'}",
         **FAST_STORE_RETRY,
+        **FAST_RELAUNCH,
     )
 
 

@@ -49,6 +49,7 @@ ENV_BY_SETTING = {
     "store_retry_first_seconds": "RIVYA_STORE_RETRY_FIRST_SECONDS",
     "store_retry_max_seconds": "RIVYA_STORE_RETRY_MAX_SECONDS",
     "store_window_hours": "RIVYA_STORE_WINDOW_HOURS",
+    "relaunch_first_seconds": "RIVYA_RELAUNCH_FIRST_SECONDS",
 }
 BARRIER_TIMEOUT_SECONDS = 120
 

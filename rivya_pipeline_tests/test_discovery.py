@@ -5,16 +5,19 @@ record the daemon leaves (`Pipeline.record_launch`), or real runs of the headles
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 from dagster import DagsterRunStatus, RunsFilter
 from dagster_graphql.test.utils import define_out_of_process_context, execute_dagster_graphql, infer_schedule_selector
 
 from rivya_pipeline.briefs import load_briefs
-from rivya_pipeline.defs.schedules import VERSION_TAG, brief_version
+from rivya_pipeline.defs.assets import NOT_SUBMITTED_TAG
+from rivya_pipeline.defs.schedules import MAX_RELAUNCHES, RELAUNCH_TAG, VERSION_TAG, brief_version, relaunches
+from rivya_pipeline.emulator import FaultRule
 from rivya_pipeline.headless import HeadlessRun
 from rivya_pipeline.settings import REPO_ROOT
-from rivya_pipeline_tests.fixtures_pipeline import SAMPLE_BRIEFS
+from rivya_pipeline_tests.fixtures_pipeline import FAST_RELAUNCH, SAMPLE_BRIEFS
 
 TICK = datetime(2026, 5, 11, 8, tzinfo=UTC)
 
@@ -34,16 +37,116 @@ def test_test_evaluations_of_discovery_hide_no_brief_from_the_next_tick(pipeline
     assert pipeline.instance.get_runs_count() == 0
 
 
-def test_a_version_with_a_run_is_never_launched_again_whatever_became_of_the_run(pipeline):
+def test_a_version_with_a_run_going_done_or_refused_is_never_launched_again(pipeline):
     first = pipeline.discover(TICK).run_requests
-    statuses = [DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.STARTED]
-    for request, status in zip(first, statuses, strict=True):
-        pipeline.record_launch(request, status)
+    launches = [
+        (DagsterRunStatus.SUCCESS, {}),
+        (DagsterRunStatus.FAILURE, {NOT_SUBMITTED_TAG: "BudgetExceeded"}),  # generation_task refused on purpose
+        (DagsterRunStatus.STARTED, {}),
+    ]
+    for request, (status, step_tags) in zip(first, launches, strict=True):
+        pipeline.record_launch(request, status, step_tags)
+    time.sleep(2 * FAST_RELAUNCH["relaunch_first_seconds"])  # past any relaunch's wait
 
     later = pipeline.discover(TICK + timedelta(hours=1))
 
     assert later.run_requests == [] and "none new or changed" in str(later.skip_message)
     assert {r.tags[VERSION_TAG] for r in first} == {r.run_key for r in first}
+
+
+def test_a_version_whose_every_run_died_before_its_create_is_relaunched_three_times_at_most(pipeline):
+    """Failure mode: a submit run killed with its worker or the daemon, or failed at launch while the broker was
+    down, its run retries spent: no create was sent, and nothing else would ever submit the brief."""
+    dead, *others = pipeline.discover(TICK).run_requests
+    for request in others:
+        pipeline.record_launch(request)
+    pipeline.record_launch(dead, DagsterRunStatus.FAILURE)
+    first_wait = FAST_RELAUNCH["relaunch_first_seconds"]
+
+    relaunched = []
+    for made in range(MAX_RELAUNCHES + 1):
+        time.sleep(first_wait * 2**made + 0.1)
+        requests = pipeline.discover(TICK + timedelta(hours=1 + made)).run_requests
+        relaunched.append([(r.partition_key, r.run_key, r.tags[RELAUNCH_TAG], r.tags[VERSION_TAG]) for r in requests])
+        for request in requests:
+            pipeline.record_launch(request, DagsterRunStatus.FAILURE)
+
+    version = str(dead.run_key)
+    expected = [[(dead.partition_key, f"{version}:relaunch{n}", str(n), version)] for n in (1, 2, 3)]
+    assert relaunched == [*expected, []]
+
+
+def test_a_relaunch_waits_after_the_last_failure_and_twice_as_long_after_each_relaunch(pipeline):
+    request = pipeline.discover(TICK).run_requests[0]
+    brief = next(b for b in load_briefs(pipeline.requests_path) if b.id == request.partition_key)
+    minute = timedelta(minutes=1)
+
+    def failed_at(run_key: str) -> float:
+        (record,) = pipeline.instance.get_run_records(RunsFilter(tags={"dagster/run_key": run_key}))
+        return record.end_time or record.update_timestamp.timestamp()
+
+    def relaunched_after(run_key: str, seconds: float) -> list[int]:
+        now = datetime.fromtimestamp(failed_at(run_key) + seconds, UTC)
+        return [r.number for r in relaunches(pipeline.instance, pipeline.ledger, [brief], now, minute)]
+
+    pipeline.record_launch(request, DagsterRunStatus.FAILURE)
+    assert (relaunched_after(str(request.run_key), 59), relaunched_after(str(request.run_key), 61)) == ([], [1])
+    first = request.with_replaced_attrs(
+        run_key=f"{request.run_key}:relaunch1", tags={**request.tags, RELAUNCH_TAG: "1"}
+    )
+    pipeline.record_launch(first, DagsterRunStatus.FAILURE)
+    assert (relaunched_after(str(first.run_key), 119), relaunched_after(str(first.run_key), 121)) == ([], [2])
+
+
+def test_a_version_whose_create_was_sent_is_left_to_the_ledger_and_never_relaunched(pipeline, emulator):
+    """Failure mode: a relaunch next to the sensor's re-send of a create whose answer was lost (the ledger holds
+    its row): a second buyer of the same brief."""
+    request = next(r for r in pipeline.discover(TICK).run_requests if r.partition_key == "sunrise-timelapse")
+    emulator.set_faults([FaultRule(endpoint="create_generation", kind="drop_connection")])
+    result = pipeline.submit(request.partition_key, dict(request.tags), raise_on_error=False)
+    time.sleep(2 * FAST_RELAUNCH["relaunch_first_seconds"])
+
+    later = pipeline.discover(TICK + timedelta(hours=1))
+
+    assert not result.success
+    record = pipeline.ledger.latest_for_brief("sunrise-timelapse")
+    assert record is not None and record.task_id is None  # sent, its answer lost: the re-send's to make
+    assert "sunrise-timelapse" not in partitions(later.run_requests)
+
+
+def test_a_run_whose_step_refused_on_purpose_is_tagged_and_its_version_never_relaunched(make_pipeline):
+    pipeline = make_pipeline(max_credits_per_run=10)  # less than one create: the budget guard refuses
+    request = next(r for r in pipeline.discover(TICK).run_requests if r.partition_key == "sunrise-timelapse")
+    result = pipeline.submit(request.partition_key, dict(request.tags), raise_on_error=False)
+    time.sleep(2 * FAST_RELAUNCH["relaunch_first_seconds"])
+
+    later = pipeline.discover(TICK + timedelta(hours=1))
+
+    assert not result.success
+    assert pipeline.instance.get_run_by_id(result.run_id).tags[NOT_SUBMITTED_TAG] == "BudgetExceeded"
+    assert "sunrise-timelapse" not in partitions(later.run_requests)
+
+
+def test_a_brief_whose_run_failed_before_buying_is_bought_once_by_its_relaunch(pipeline, emulator):
+    """Failure mode: the Files API failing every upload, the submit run failed with no create sent: once the API
+    answers again, the relaunch buys the brief, and only once."""
+    request = next(r for r in pipeline.discover(TICK).run_requests if r.partition_key == "product-spin")
+    emulator.set_faults([FaultRule(endpoint="upload_file", kind="server_error", status=503)])
+    failed = pipeline.submit(request.partition_key, dict(request.tags), raise_on_error=False)
+    emulator.set_faults([])
+    time.sleep(2 * FAST_RELAUNCH["relaunch_first_seconds"])
+
+    (relaunch,) = [
+        r for r in pipeline.discover(TICK + timedelta(hours=1)).run_requests if r.partition_key == "product-spin"
+    ]
+    bought = pipeline.submit(relaunch.partition_key, dict(relaunch.tags))
+    time.sleep(2 * FAST_RELAUNCH["relaunch_first_seconds"])
+    after = pipeline.discover(TICK + timedelta(hours=2))
+
+    assert not failed.success and pipeline.ledger.get(request.run_key or "") is None
+    assert relaunch.run_key == f"{request.run_key}:relaunch1" and bought.success
+    assert [c["credits"] for c in emulator.stats()["charges"]] == [90]
+    assert "product-spin" not in partitions(after.run_requests)
 
 
 def test_a_run_the_daemon_created_but_never_submitted_is_requested_again_under_the_same_key(pipeline):

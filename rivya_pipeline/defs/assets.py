@@ -43,6 +43,9 @@ BRIEF_PARTITIONS = "briefs"  # the dynamic partitions: one per brief id
 briefs_partitions = DynamicPartitionsDefinition(name=BRIEF_PARTITIONS)
 GROUP = "video_generation"
 BATCH_TAG = "rivya/batch"
+# Set on a run whose generation_task refused to submit on purpose (budget, stale or changed brief, a refusal Rivya
+# will repeat): discovery never relaunches its version (a run that merely died is relaunched).
+NOT_SUBMITTED_TAG = "rivya/not_submitted"
 RESEND_TAG = "rivya/resend"  # on a run the sensor launched to re-send one unanswered create: its Idempotency-Key
 
 
@@ -115,8 +118,11 @@ def generation_task(
             deadline=rivya.task_deadline(),
         )
     except (BudgetExceeded, StaleSubmission) as exc:
+        context.instance.add_run_tags(context.run_id, {NOT_SUBMITTED_TAG: type(exc).__name__})
         raise Failure(f"Not submitted: {exc}", allow_retries=False) from None
     except SubmissionError as exc:
+        if not exc.retryable:
+            context.instance.add_run_tags(context.run_id, {NOT_SUBMITTED_TAG: type(exc).__name__})
         raise Failure(str(exc), allow_retries=exc.retryable) from None
     return MaterializeResult(metadata=events.submitted_metadata(submitted, video_brief.request))
 

@@ -241,6 +241,11 @@ class BriefsResource(ConfigurableResource):
     """The folder of YAML briefs (RIVYA_REQUESTS_PATH)."""
 
     requests_path: str = Field(description="Folder of the YAML briefs, searched with its subfolders.")
+    relaunch_first_seconds: float = Field(
+        default=60.0,
+        description="Wait after every run of a brief version failed before its create was sent (a dead worker, a "
+        "lost broker) before discovery launches it again; doubles after each relaunch, three relaunches at most.",
+    )
 
     def folder(self) -> Path:
         return Path(self.requests_path)
