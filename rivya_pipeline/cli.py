@@ -37,11 +37,9 @@ def _dagster_home() -> Path:
     """DAGSTER_HOME, or `.dagster_home` in the current folder (what `make dev` uses too)."""
     home = Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster_home").resolve()
     home.mkdir(parents=True, exist_ok=True)
-    config = home / "dagster.yaml"
-    if not config.exists():
-        from .instance_setup import DEFAULT_CONFIG, write_atomically
+    from .instance_setup import write_default_config
 
-        write_atomically(config, DEFAULT_CONFIG)
+    write_default_config(home)
     os.environ["DAGSTER_HOME"] = str(home)
     return home
 

@@ -32,9 +32,33 @@ from filelock import FileLock
 from sqlalchemy import MetaData
 from sqlalchemy.exc import SQLAlchemyError
 
-# The dagster.yaml of a new home: Dagster's defaults (SQLite in the home), no telemetry banner, and a limit for the
-# `rivya_api` pool so that paid submits do not stampede (deploy/dagster.yaml is the production profile).
-DEFAULT_CONFIG = "telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 4\n"
+# The dagster.yaml of a new home: Dagster's defaults (SQLite in the home), no telemetry banner, a limit for the
+# `rivya_api` pool so that paid submits do not stampede, and runs that die with their process finished by Dagster:
+# the launcher answers run monitoring's health check (run_launchers.py), monitoring fails a dead run, run retries
+# start it again (paid submits re-attach through the ledger: nothing is bought twice). The numbers are the warm-worker
+# profile's (deploy/celery/README.md explains each); deploy/dagster.yaml is the production profile.
+DEFAULT_CONFIG = """telemetry:
+  enabled: false
+concurrency:
+  pools:
+    default_limit: 4
+run_launcher:
+  module: rivya_pipeline.run_launchers
+  class: MonitoredRunLauncher
+run_monitoring:
+  enabled: true
+  start_timeout_seconds: 300
+  cancel_timeout_seconds: 300
+  poll_interval_seconds: 30
+  max_resume_run_attempts: 0
+  free_slots_after_run_end_seconds: 60
+run_retries:
+  enabled: true
+  max_retries: 2
+  retry_on_asset_or_op_failure: false
+"""
+# Earlier projects' DEFAULT_CONFIG, word for word: a home still holding one gets today's (`upgrade_default_config`).
+EARLIER_DEFAULT_CONFIGS = ("telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 4\n",)
 SET_UP_KEY = "rivya_pipeline/instance_set_up"  # its value: the Dagster version that completed the set-up
 LOCK_FILE = ".rivya_instance.lock"
 
@@ -51,6 +75,14 @@ def write_atomically(path: Path, text: str) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def write_default_config(home: Path) -> None:
+    """A home's dagster.yaml: DEFAULT_CONFIG if it has none, or still has an earlier project default untouched (a
+    person's own file, edited or not ours, is never replaced)."""
+    config = home / "dagster.yaml"
+    if not config.exists() or config.read_text(encoding="utf-8") in EARLIER_DEFAULT_CONFIGS:
+        write_atomically(config, DEFAULT_CONFIG)
 
 
 def open_instance(home: Path) -> DagsterInstance:

@@ -7,11 +7,11 @@ daemon, the code server it started and, on the default profile, every run proces
 warm-worker profile the runs execute on the Celery workers, which are other machines in production and live on:
 only the daemon's node is drained. After each kill the daemon is started again at once, as a supervisor would.
 
-What really happens to a default-launcher run at a kill: its process dies with the group (checked at every kill)
-and its run stays STARTING or STARTED in the instance for good, since nothing on that profile finishes the run of a
-dead worker; so the default profile is marked xfail (DEFAULT_PROFILE_LOSES_RUNS, a product bug). On the warm-worker
-profile the runs go on in the workers' pool processes, and the restarted daemon's queue, sensor and run monitoring
-take up where the dead one stopped (worker deaths are test_celery_workers.py's).
+At a kill, a default-launcher run's process dies with the group (checked at every kill); the restarted daemon's run
+monitoring asks the run's code server about it through the profile's launcher (rivya_pipeline/run_launchers.py),
+finds that server gone, fails the run, and run retries start it again. On the warm-worker profile the runs go on in
+the workers' pool processes, and the restarted daemon's queue, sensor and run monitoring take up where the dead one
+stopped (worker deaths are test_celery_workers.py's).
 
 The moments are random (seeded; the seed and every moment are printed, RIVYA_DEATHS_SEED replays them), drawn in
 each phase of the batch's life: during the first discovery tick, while submits run, while stores run. Nothing but
@@ -42,11 +42,11 @@ from rivya_pipeline.defs.assets import BATCH_TAG
 from rivya_pipeline.defs.resources import default_ledger_url
 from rivya_pipeline.defs.sensors import UNFINISHED
 from rivya_pipeline.emulator import RivyaEmulator
-from rivya_pipeline.instance_setup import DEFAULT_CONFIG
+from rivya_pipeline.instance_setup import write_default_config
 from rivya_pipeline.ledger import Ledger
 from rivya_pipeline.rivya import RivyaClient
 from rivya_pipeline.settings import Settings
-from rivya_pipeline.workers import CeleryTarget, ServiceProcesses, daemon_command, delete_queue
+from rivya_pipeline.workers import CeleryTarget, ServiceProcesses, daemon_command, delete_queue, profile_with
 from rivya_pipeline_tests import warm_workers as warm
 from rivya_pipeline_tests.fixtures_emulator import TEST_ACCOUNT, TEST_CREDITS
 from rivya_pipeline_tests.fixtures_postgres import pg_env
@@ -59,16 +59,10 @@ BRIEF_TEXT = (
 WORKERS, WORKER_CONCURRENCY = 2, 2
 EVERY_MINUTE = "* * * * *"
 INSTANCE_OVERRIDES = {
-    # A run whose launch the kill cut short (STARTING, never sent to the broker) is failed, then retried, within
-    # the test's deadline rather than after the profile's 300 s.
+    # A run whose launch the kill cut short (STARTING, never started) is failed, then retried, within the test's
+    # deadline rather than after the profiles' 300 s; a dead STARTED run is found at the next 1 s pass, not 30 s.
     "run_monitoring": {"poll_interval_seconds": 1, "free_slots_after_run_end_seconds": 1, "start_timeout_seconds": 90},
 }
-# Product bug, found by this test: on the default profile a run process dies with the daemon's process group (a node
-# drain), and nothing ever finishes its run. DefaultRunLauncher has no worker health check and the
-# profile no run monitoring or run retries, so the run stays STARTING/STARTED for good: a submit run killed before its
-# create leaves its brief never bought (discovery counts the version as launched), a store_videos run killed leaves
-# its videos never stored (the sensor waits for that "going" batch).
-DEFAULT_PROFILE_LOSES_RUNS = "a run killed with the daemon (default launcher) stays STARTED forever: its brief is lost"
 SEED_ENV = "RIVYA_DEATHS_SEED"
 MOMENT_SECONDS = 100.0  # how long a kill waits for its phase to begin before it kills anyway
 STORED_DEADLINE_SECONDS = 240.0  # from the last kill to every brief stored
@@ -117,13 +111,15 @@ class Deployment:
 
 @contextmanager
 def deployed(profile: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Deployment]:
-    """default: the instance `rivya-pipeline dev` creates (SQLite, DefaultRunLauncher), verbatim: it configures no
-    run monitoring to shorten. celery: deploy/celery/dagster.yaml on a fresh PostgreSQL database and a queue of the
-    test's own on this machine's RabbitMQ, with INSTANCE_OVERRIDES."""
+    """default: the instance `rivya-pipeline dev` creates (SQLite, the monitored default launcher). celery:
+    deploy/celery/dagster.yaml on a fresh PostgreSQL database and a queue of the test's own on this machine's
+    RabbitMQ. Both with INSTANCE_OVERRIDES."""
     if profile == "default":
         home = tmp_path / "default_home"
         home.mkdir()
-        (home / "dagster.yaml").write_text(DEFAULT_CONFIG, encoding="utf-8")
+        write_default_config(home)
+        config = home / "dagster.yaml"
+        config.write_text(profile_with(config, INSTANCE_OVERRIDES), encoding="utf-8")
         yield Deployment(home, {"DAGSTER_HOME": str(home)})
         return
     database = request.getfixturevalue("pg_database")
@@ -264,7 +260,7 @@ def settings(pipeline_settings: Settings, tmp_path: Path) -> Settings:
 @pytest.mark.parametrize(
     "profile",
     [
-        pytest.param("default", marks=pytest.mark.xfail(reason=DEFAULT_PROFILE_LOSES_RUNS, strict=True)),
+        pytest.param("default"),
         pytest.param("celery", marks=pytest.mark.postgres),
     ],
 )
@@ -311,7 +307,7 @@ def test_five_daemon_deaths_lose_no_brief_and_buy_none_twice(
                 f"{death.runs_started} run(s) started, {death.run_processes} run process(es) in the group"
             )
             # A node drain ends every process of the daemon's group: no run process of the default launcher outlives
-            # it (its run stays as the kill left it; see DEFAULT_PROFILE_LOSES_RUNS).
+            # it (run monitoring fails its run, run retries start it again).
             assert not death.survivors, death.survivors
             daemon = f"daemon-{number}"
             services.start(daemon, daemon_command())

@@ -25,10 +25,19 @@ from dagster._core.storage.schedules.schema import ScheduleStorageSqlMetadata
 from sqlalchemy import MetaData, create_engine, inspect, select
 
 from rivya_pipeline.defs.assets import BRIEF_PARTITIONS
-from rivya_pipeline.instance_setup import DEFAULT_CONFIG, SET_UP_KEY, is_set_up, open_instance, write_atomically
+from rivya_pipeline.instance_setup import (
+    DEFAULT_CONFIG,
+    EARLIER_DEFAULT_CONFIGS,
+    SET_UP_KEY,
+    is_set_up,
+    open_instance,
+    write_atomically,
+    write_default_config,
+)
 from rivya_pipeline.ledger import Ledger
 from rivya_pipeline.ledger.schema import SCHEMA_VERSION, ledger_meta
 from rivya_pipeline.ledger.schema import metadata as ledger_tables
+from rivya_pipeline.run_launchers import MonitoredRunLauncher
 from rivya_pipeline_tests.fixtures_emulator import TEST_API_KEY
 from rivya_pipeline_tests.fixtures_pipeline import FAST_LIFECYCLE
 from rivya_pipeline_tests.fixtures_postgres import PG_ADMIN_URL, PG_SERVER, admin_connection
@@ -394,3 +403,22 @@ def test_processes_opening_a_fresh_ledger_together_all_succeed(new_ledger_locati
 
     assert open_together(partial(open_and_close_ledger, ledger_location.url), OPENERS) == [0] * OPENERS
     assert ledger_state(ledger_location) == (set(ledger_tables.tables), SCHEMA_VERSION)
+
+
+def test_a_home_with_an_earlier_default_config_gets_todays_and_a_persons_own_config_is_kept(tmp_path):
+    """Failure mode: a home made by an earlier release keeping a profile whose dead runs stay STARTED for good."""
+    earlier, own = tmp_path / "earlier", tmp_path / "own"
+    for home, text in ((earlier, EARLIER_DEFAULT_CONFIGS[0]), (own, EARLIER_DEFAULT_CONFIGS[0] + "# mine\n")):
+        home.mkdir()
+        (home / "dagster.yaml").write_text(text)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+
+    for home in (earlier, own, fresh):
+        write_default_config(home)
+
+    assert (earlier / "dagster.yaml").read_text() == DEFAULT_CONFIG == (fresh / "dagster.yaml").read_text()
+    assert (own / "dagster.yaml").read_text() == EARLIER_DEFAULT_CONFIGS[0] + "# mine\n"
+    with DagsterInstance.from_config(str(earlier)) as instance:
+        assert isinstance(instance.run_launcher, MonitoredRunLauncher)
+        assert instance.run_monitoring_enabled and instance.run_retries_enabled
