@@ -19,9 +19,9 @@ from dagster import Definitions, validate_run_config
 from dagster._config import process_config, resolve_to_config_type
 from dagster._core.instance.ref import InstanceRef
 from dagster._serdes import ConfigurableClassData
-from dagster_celery.launcher import CeleryRunLauncher
 from dagster_k8s import K8sRunLauncher
 
+from rivya_pipeline.celery_launcher import MonitoredCeleryRunLauncher
 from rivya_pipeline.settings import REPO_ROOT
 
 DEPLOY = REPO_ROOT / "deploy"
@@ -93,7 +93,9 @@ def test_profile_is_an_instance_config_dagster_accepts_class_by_class(name, tmp_
         "run_launcher": ref.run_launcher_data,
     }
     classes = {part: validated(data)[0].__name__ for part, data in parts.items()}
-    launcher = {"production": "DefaultRunLauncher", "celery": "CeleryRunLauncher", "k8s": "K8sRunLauncher"}[name]
+    launcher = {"production": "MonitoredRunLauncher", "celery": "MonitoredCeleryRunLauncher", "k8s": "K8sRunLauncher"}[
+        name
+    ]
     storage = "PooledPostgresStorage" if name == "celery" else "DagsterPostgresStorage"  # a subclass: see that one
     assert classes == {
         "storage": storage,
@@ -108,14 +110,16 @@ def test_profile_is_an_instance_config_dagster_accepts_class_by_class(name, tmp_
 def test_k8s_profile_is_the_production_profile_with_its_run_launcher():
     production, profile = loaded_yaml(PROFILES["production"]), loaded_yaml(PROFILES["k8s"])
 
-    assert {k: v for k, v in profile.items() if k != "run_launcher"} == production
+    assert {k: v for k, v in profile.items() if k != "run_launcher"} == {
+        k: v for k, v in production.items() if k != "run_launcher"
+    }
 
 
 def test_celery_profile_is_the_production_profile_with_its_launcher_and_dead_worker_settings():
     production, profile = loaded_yaml(PROFILES["production"]), loaded_yaml(PROFILES["celery"])
 
     unchanged = {k: v for k, v in profile.items() if k not in ("storage", "run_launcher", "run_monitoring")}
-    assert unchanged == {k: v for k, v in production.items() if k not in ("storage", "run_monitoring")}
+    assert unchanged == {k: v for k, v in production.items() if k not in ("storage", "run_launcher", "run_monitoring")}
     # the same PostgreSQL storage and config, on pooled connections (rivya_pipeline/pooled_postgres.py)
     assert profile["storage"]["custom"] == {
         "module": "rivya_pipeline.pooled_postgres",
@@ -135,7 +139,7 @@ def test_celery_run_launcher_is_built_from_the_profile_with_a_backend_every_proc
 
     launcher = klass.from_config_value(None, config)  # builds the Celery app; connects to nothing
 
-    assert isinstance(launcher, CeleryRunLauncher)
+    assert isinstance(launcher, MonitoredCeleryRunLauncher)
     assert launcher.broker == DEPLOYMENT_ENV["DAGSTER_CELERY_BROKER_URL"]
     assert launcher.backend == DEPLOYMENT_ENV["DAGSTER_CELERY_BACKEND_URL"]
     assert launcher.default_queue == "dagster"
