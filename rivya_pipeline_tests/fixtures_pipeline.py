@@ -118,6 +118,17 @@ class Pipeline:
         }
         create_run_for_test(self.instance, job_name="__ASSET_JOB", tags=tags, status=status)
 
+    def record_launch_failure(self, request: RunRequest) -> None:
+        """Dagster's record of a sensor request the run queue could not launch (the broker down): a failed run of
+        the request's job, config and tags that never executed."""
+        tags = {**request.tags, "dagster/run_key": str(request.run_key)}
+        if request.partition_key:
+            tags["dagster/partition"] = request.partition_key
+        run = create_run_for_test(
+            self.instance, job_name=str(request.job_name), run_config=dict(request.run_config), tags=tags
+        )
+        self.instance.report_run_failed(run, "Caught an error dequeuing run")  # what the run queue records
+
     def add_partitions(self, brief_ids: list[str]) -> None:
         known = set(self.instance.get_dynamic_partitions("briefs"))
         self.instance.add_dynamic_partitions("briefs", [b for b in brief_ids if b not in known])

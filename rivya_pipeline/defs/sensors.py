@@ -32,12 +32,12 @@ from dagster import (
     sensor,
 )
 
-from ..ledger import RESEND_WINDOW, TaskRecord, TaskTracker
+from ..ledger import RESEND_WINDOW, StoreRetryPolicy, TaskRecord, TaskTracker
 from ..settings import utc_now
 from .assets import RESEND_TAG, briefs_partitions, generation_task, stored_video
 from .events import poll_observations
 from .inputs import TASK_TAG
-from .resources import LedgerResource, RivyaResource
+from .resources import LedgerResource, RivyaResource, VideoStorageResource
 from .store_batch import STORE_VIDEOS_JOB, batched_task_ids, in_batches, store_videos, store_videos_run_config
 
 TICK_TIME_BUDGET_SECONDS = 20.0
@@ -76,8 +76,11 @@ resend_job = define_asset_job(
 )
 
 
-def failed_store_runs(instance: DagsterInstance, task_id: str) -> int:
-    return instance.get_runs_count(RunsFilter(tags={TASK_TAG: task_id}, statuses=FAILED))
+def failed_store_runs(instance: DagsterInstance, task_id: str) -> tuple[int, float | None]:
+    """How many runs of this video's own failed, and when the newest of them ended (None: none failed)."""
+    records = instance.get_run_records(RunsFilter(tags={TASK_TAG: task_id}, statuses=FAILED))
+    ends = [record.end_time or record.update_timestamp.timestamp() for record in records]
+    return len(records), max(ends, default=None)
 
 
 def run_in_progress(instance: DagsterInstance, brief_id: str, asset: AssetsDefinition) -> bool:
@@ -125,15 +128,23 @@ def batched_tasks(instance: DagsterInstance, now: datetime) -> dict[str, bool]:
     return going
 
 
-def store_requests(instance: DagsterInstance, tasks: TaskTracker, now: datetime) -> list[RunRequest]:
-    """Batches for due videos not tried yet; a run of its own for each due video that a store did not store."""
+def store_requests(
+    instance: DagsterInstance, tasks: TaskTracker, now: datetime, retry: StoreRetryPolicy
+) -> list[RunRequest]:
+    """Batches for due videos not tried yet; a run of its own for each due video that a store did not store.
+
+    A run that failed before its store could record anything (launch refused while the broker was down, a worker
+    lost) moves no due time in the ledger, so the backoff is also kept from the end of the video's last failed
+    run: an outage of the run queue costs a few runs, not one per tick."""
     batched = batched_tasks(instance, now)
     requests, to_batch = [], []
     for record in tasks.due_for_store(now, limit=MAX_STORE_REQUESTS_PER_TICK):
         task_id = record.accepted_task_id
         if batched.get(task_id) or run_in_progress(instance, record.brief_id, stored_video):
             continue
-        failed = failed_store_runs(instance, task_id)
+        failed, last_failed_at = failed_store_runs(instance, task_id)
+        if last_failed_at is not None and now.timestamp() - last_failed_at < retry.wait_after(failed).total_seconds():
+            continue
         if task_id not in batched and not failed and not record.store_attempts:
             to_batch.append(record)
         else:
@@ -184,7 +195,10 @@ def resend_requests(instance: DagsterInstance, tasks: TaskTracker, now: datetime
     "after 1, 2, 4 ... minutes (capped) for 24 h from the task's success, then reported on its partition.",
 )
 def pending_generation_tasks(
-    context: SensorEvaluationContext, rivya: RivyaResource, ledger: LedgerResource
+    context: SensorEvaluationContext,
+    rivya: RivyaResource,
+    ledger: LedgerResource,
+    video_storage: VideoStorageResource,
 ) -> SensorResult | SkipReason:
     tasks = ledger.for_instance(context.instance)
     report = rivya.poller(tasks).poll_due(max_tasks=MAX_POLLS_PER_TICK, time_budget_seconds=TICK_TIME_BUDGET_SECONDS)
@@ -200,7 +214,8 @@ def pending_generation_tasks(
             "Rivya answered no poll this tick (down?): due tasks wait for a later tick, each backing off"
         )
     now = utc_now()
-    run_requests = store_requests(context.instance, tasks, now) + resend_requests(context.instance, tasks, now)
+    stores = store_requests(context.instance, tasks, now, video_storage.retry_policy())
+    run_requests = stores + resend_requests(context.instance, tasks, now)
     events = poll_observations(report)
     if not run_requests and not events:
         down = "; Rivya answered none (down?), polls back off" if report.api_unavailable else ""
