@@ -20,7 +20,7 @@ test: lint
 	.ci/ensure-chromium
 	$(BIN)/pytest
 
-# Daemon deaths and lost PostgreSQL/RabbitMQ connections, minutes each: reproductions of open bugs (README).
+# Daemon deaths and lost PostgreSQL/RabbitMQ connections on real processes, minutes each (README "When things fail").
 soak: setup
 	$(BIN)/pytest -m soak
 

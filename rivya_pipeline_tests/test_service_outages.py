@@ -328,6 +328,13 @@ def test_a_service_cut_for_a_minute_while_submits_and_stores_are_in_flight(
     - Recovered by themselves: the workers' consumers reconnect (Celery retries the connection), runs queued in the
       broker before the cut are executed after it.
 
+    How each is handled now: P1, the workers' result backend is retried for ~10 minutes (celery_app.py), so a
+    run task taken during the cut waits for the database instead of being dropped; P2 and M3, discovery relaunches
+    a version whose every run failed before its create was sent (schedules.py); P3, the launcher reports a task
+    that ended under a run still STARTED as a failed worker (celery_launcher.py), so monitoring fails the run and
+    run retries start it again; M1, the sensor keeps the store backoff from a video's last failed run; M4, run
+    monitoring's start timeout.
+
     Asserted after the cut, within RECOVERY_SECONDS: every brief stored once and bought once, no run left
     unfinished, the daemon and both workers the same processes as before, the sensor ticking again.
     """
