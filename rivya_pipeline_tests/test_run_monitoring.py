@@ -1,7 +1,8 @@
 """The default profile's launcher under run monitoring (rivya_pipeline/run_launchers.py), over real boundaries: a
 store run launched as the UI launches it (GraphQL, against a code server process of workspace.yaml, on the instance
 `rivya-pipeline dev` creates), its code server and run process killed with SIGKILL, then Dagster's own monitoring
-pass. Failure mode: a run that died with its code server stayed STARTED for good, and its video was never stored."""
+pass. Failure mode: a run that died with its code server stayed STARTED for good, and its video was never stored.
+The warm-worker profile's launcher (rivya_pipeline/celery_launcher.py) against Celery's own result backend."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from dagster._core.launcher import WorkerStatus
 from dagster._core.test_utils import create_run_for_test
 from dagster._daemon.monitoring.run_monitoring import monitor_started_run
+from dagster_celery.tags import DAGSTER_CELERY_TASK_ID_TAG as CELERY_TASK_TAG
 from dagster_graphql.client.query import LAUNCH_PIPELINE_EXECUTION_MUTATION
 from dagster_graphql.test.utils import define_out_of_process_context, execute_dagster_graphql, infer_job_selector
 
+from rivya_pipeline.celery_launcher import MonitoredCeleryRunLauncher
 from rivya_pipeline.defs.store_batch import STORE_VIDEOS_JOB
 from rivya_pipeline.emulator import FaultRule, RivyaEmulator
 from rivya_pipeline.instance_setup import write_default_config
@@ -122,3 +125,27 @@ def test_a_run_executing_in_its_own_process_is_never_failed_by_monitoring(defaul
     assert health.status == WorkerStatus.RUNNING
     after = default_instance.get_run_by_id(run.run_id)
     assert after is not None and after.status == DagsterRunStatus.STARTED
+
+
+@pytest.mark.parametrize(
+    ("task_state", "worker"),
+    [("STARTED", WorkerStatus.RUNNING), ("SUCCESS", WorkerStatus.FAILED), ("FAILURE", WorkerStatus.FAILED)],
+)
+def test_the_warm_worker_launcher_fails_a_run_whose_task_ended_without_its_end_event(
+    task_state: str, worker: WorkerStatus, dagster_instance: DagsterInstance, tmp_path: Path
+) -> None:
+    """Failure mode: a run executing during a PostgreSQL cut lost its end event while its worker stored the task's
+    end later; the task read SUCCESS, monitoring left the run STARTED for an hour. Celery's own database result
+    backend (SQLite here) holds the task's state as a worker writes it."""
+    results = f"db+sqlite:///{tmp_path / 'results.sqlite'}"
+    launcher = MonitoredCeleryRunLauncher(default_queue="dagster", broker="memory://", backend=results)
+    run = create_run_for_test(
+        dagster_instance, job_name="store_videos", status=DagsterRunStatus.STARTED, tags={CELERY_TASK_TAG: "task-1"}
+    )
+    launcher.celery.backend.store_result("task-1", None, task_state)
+
+    health = launcher.check_run_worker_health(run)
+
+    assert health.status == worker
+    if task_state == "SUCCESS":
+        assert "end was never recorded" in str(health.msg)
