@@ -269,7 +269,7 @@ def test_workers_refuse_an_instance_whose_runs_would_never_reach_them(tmp_path, 
     assert main(["workers"]) == EXIT_INVALID
 
     error = capsys.readouterr().err
-    assert "No workers started" in error and "DefaultRunLauncher" in error
+    assert "No workers started" in error and "MonitoredRunLauncher" in error
     assert "deploy/celery/dagster.yaml" in error
 
 

@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 
 import psutil
@@ -48,8 +49,16 @@ def default_instance(tmp_path: Path) -> Iterator[DagsterInstance]:
 
 def code_server_processes() -> list[psutil.Process]:
     """The code servers this test process started (`dagster api grpc`), each with its run processes."""
-    servers = [p for p in psutil.Process().children(recursive=True) if "grpc" in " ".join(p.cmdline())]
-    return [process for server in servers for process in [server, *server.children(recursive=True)]]
+    servers = []
+    for process in psutil.Process().children(recursive=True):
+        with suppress(psutil.Error):  # a process of an earlier test that ended (a zombie) has no command line
+            if "grpc" in " ".join(process.cmdline()):
+                servers.append(process)
+    found = []
+    for server in servers:
+        with suppress(psutil.Error):
+            found += [server, *server.children(recursive=True)]
+    return found
 
 
 def test_a_run_whose_code_server_died_is_failed_by_monitoring_and_its_video_stored_after(
