@@ -57,7 +57,7 @@ run_retries:
   max_retries: 2
   retry_on_asset_or_op_failure: false
 """
-# Earlier projects' DEFAULT_CONFIG, word for word: a home still holding one gets today's (`upgrade_default_config`).
+# Earlier projects' DEFAULT_CONFIG, word for word: a home still holding one gets today's (`write_default_config`).
 EARLIER_DEFAULT_CONFIGS = ("telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 4\n",)
 SET_UP_KEY = "rivya_pipeline/instance_set_up"  # its value: the Dagster version that completed the set-up
 LOCK_FILE = ".rivya_instance.lock"

@@ -108,26 +108,22 @@ class Pipeline:
         status: DagsterRunStatus = DagsterRunStatus.SUCCESS,
         extra_tags: dict[str, str] | None = None,
     ) -> None:
-        """Dagster's record of a schedule request the daemon launched (or, NOT_STARTED, created and then died),
-        with the tags it puts on such a run (and `extra_tags`, as a step adds them), without running it."""
-        tags = {
-            **(extra_tags or {}),
-            **request.tags,
-            "dagster/run_key": str(request.run_key),
-            "dagster/partition": str(request.partition_key),
-        }
-        create_run_for_test(self.instance, job_name="__ASSET_JOB", tags=tags, status=status)
-
-    def record_launch_failure(self, request: RunRequest) -> None:
-        """Dagster's record of a sensor request the run queue could not launch (the broker down): a failed run of
-        the request's job, config and tags that never executed."""
-        tags = {**request.tags, "dagster/run_key": str(request.run_key)}
+        """Dagster's record of a request the daemon launched, without running it: NOT_STARTED, created and then the
+        daemon died; FAILURE, failed as the run queue fails a run it could not launch (the broker down). With the
+        tags Dagster puts on such a run (and `extra_tags`, as a step adds them)."""
+        tags = {**(extra_tags or {}), **request.tags, "dagster/run_key": str(request.run_key)}
         if request.partition_key:
             tags["dagster/partition"] = request.partition_key
+        failed = status == DagsterRunStatus.FAILURE
         run = create_run_for_test(
-            self.instance, job_name=str(request.job_name), run_config=dict(request.run_config), tags=tags
+            self.instance,
+            job_name=str(request.job_name or "__ASSET_JOB"),
+            run_config=dict(request.run_config),
+            tags=tags,
+            status=DagsterRunStatus.NOT_STARTED if failed else status,
         )
-        self.instance.report_run_failed(run, "Caught an error dequeuing run")  # what the run queue records
+        if failed:
+            self.instance.report_run_failed(run, "Caught an error dequeuing run")  # its end time, as Dagster records it
 
     def add_partitions(self, brief_ids: list[str]) -> None:
         known = set(self.instance.get_dynamic_partitions("briefs"))

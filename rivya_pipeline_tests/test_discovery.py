@@ -14,6 +14,7 @@ from dagster_graphql.test.utils import define_out_of_process_context, execute_da
 from rivya_pipeline.briefs import load_briefs
 from rivya_pipeline.defs.assets import NOT_SUBMITTED_TAG
 from rivya_pipeline.defs.schedules import MAX_RELAUNCHES, RELAUNCH_TAG, VERSION_TAG, brief_version, relaunches
+from rivya_pipeline.defs.sensors import run_ended_at
 from rivya_pipeline.emulator import FaultRule
 from rivya_pipeline.headless import HeadlessRun
 from rivya_pipeline.settings import REPO_ROOT
@@ -83,7 +84,7 @@ def test_a_relaunch_waits_after_the_last_failure_and_twice_as_long_after_each_re
 
     def failed_at(run_key: str) -> float:
         (record,) = pipeline.instance.get_run_records(RunsFilter(tags={"dagster/run_key": run_key}))
-        return record.end_time or record.update_timestamp.timestamp()
+        return run_ended_at(record)
 
     def relaunched_after(run_key: str, seconds: float) -> list[int]:
         now = datetime.fromtimestamp(failed_at(run_key) + seconds, UTC)

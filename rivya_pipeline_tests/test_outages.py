@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from dagster import DagsterRunStatus
 
 from rivya_pipeline.briefs import Brief, load_briefs
 from rivya_pipeline.emulator import FaultRule
@@ -189,7 +190,7 @@ def test_store_runs_refused_at_launch_back_off_and_the_video_is_stored_once_runs
     started, ticks, refused = time.monotonic(), 0, 0
     while ticks < REFUSED_TICKS:
         for request in pipeline.tick().run_requests:
-            pipeline.record_launch_failure(request)
+            pipeline.record_launch(request, DagsterRunStatus.FAILURE)
             refused += 1
         ticks += 1
     elapsed = time.monotonic() - started

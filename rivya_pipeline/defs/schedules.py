@@ -35,6 +35,7 @@ from ..ledger import TaskTracker
 from ..settings import utc_now
 from .assets import BATCH_TAG, BRIEF_PARTITIONS, NOT_SUBMITTED_TAG, generation_task, reference_uploads, video_brief
 from .resources import BriefsResource, LedgerResource
+from .sensors import run_ended_at
 
 PARTITION_BATCH = 1000  # SQLite refuses statements with tens of thousands of variables
 # On every run that submits a brief: which version of it ("<brief id>:<content hash, 16 hex>") the run is for.
@@ -105,7 +106,7 @@ def relaunches(
         if any(run.status != DagsterRunStatus.FAILURE or NOT_SUBMITTED_TAG in run.tags for run in runs):
             continue
         made = max(int(run.tags.get(RELAUNCH_TAG, "0")) for run in runs)
-        last_failure = max(record.end_time or record.update_timestamp.timestamp() for record in records)
+        last_failure = max(map(run_ended_at, records))
         if made >= MAX_RELAUNCHES or now.timestamp() - last_failure < (first_wait * 2**made).total_seconds():
             continue
         brief = current[version]

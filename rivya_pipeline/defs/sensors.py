@@ -23,6 +23,7 @@ from dagster import (
     DagsterInstance,
     DagsterRunStatus,
     DefaultSensorStatus,
+    RunRecord,
     RunRequest,
     RunsFilter,
     SensorEvaluationContext,
@@ -76,11 +77,15 @@ resend_job = define_asset_job(
 )
 
 
+def run_ended_at(record: RunRecord) -> float:
+    """When a finished run ended (its last status change where its storage holds no end time: older runs)."""
+    return record.end_time or record.update_timestamp.timestamp()
+
+
 def failed_store_runs(instance: DagsterInstance, task_id: str) -> tuple[int, float | None]:
     """How many runs of this video's own failed, and when the newest of them ended (None: none failed)."""
     records = instance.get_run_records(RunsFilter(tags={TASK_TAG: task_id}, statuses=FAILED))
-    ends = [record.end_time or record.update_timestamp.timestamp() for record in records]
-    return len(records), max(ends, default=None)
+    return len(records), max(map(run_ended_at, records), default=None)
 
 
 def run_in_progress(instance: DagsterInstance, brief_id: str, asset: AssetsDefinition) -> bool:
