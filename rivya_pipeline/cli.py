@@ -371,7 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--transfer-mb", type=_positive_int, help="size of the transfer's video in MiB (default 1024, quick 64)"
     )
-    bench.add_argument("--briefs", type=_positive_int, help="scale: briefs in the folder (default 200, quick 10)")
+    bench.add_argument(
+        "--briefs",
+        type=_positive_int,
+        help="scale, chaos: briefs in the folder (default 200; quick: scale 10, chaos 20)",
+    )
     bench.add_argument(
         "--profile", choices=SCALE_PROFILES, help="scale: this profile only (default: every one that can run)"
     )

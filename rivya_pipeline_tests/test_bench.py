@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from rivya_pipeline.bench import BENCHMARKS, SCALE_PROFILES, calls, e2e, poll, qc, scale
+from rivya_pipeline.bench import BENCHMARKS, SCALE_PROFILES, calls, chaos, e2e, poll, qc, scale
 from rivya_pipeline.bench.runner import run_benchmarks
 
 pytestmark = pytest.mark.timeout(1500)  # the module's first test waits for `bench all --quick`
@@ -34,6 +34,7 @@ README_KEYS = {  # what the README's Benchmarks table reads from `bench all --js
     "calls": {"polls_per_task"},
     "qc": {"cpu_seconds_per_clip_second", "peak_rss_mb"},
     "scale": {"seconds_per_brief", "inprocess_seconds_per_brief", "ratio_to_inprocess", "bare_seconds_per_brief"},
+    "chaos": {"lost", "duplicate_charges", "abandoned", "stored", "minutes_to_heal"},
 }
 
 
@@ -123,6 +124,21 @@ def test_scale_stores_every_brief_once_under_every_profile_this_machine_runs(rep
     assert figures["seconds_per_brief"] == min(figures[name]["seconds_per_brief"] for name in measured)
     assert figures["bare_stored"] == scale.QUICK_BRIEFS
     assert 0 < figures["bare_seconds_per_brief"] < figures["inprocess_seconds_per_brief"]
+
+
+def test_chaos_strikes_every_fault_on_the_production_path_and_nothing_is_lost_or_bought_twice(report):
+    """Failure modes at once: lost create answers, 429s, a media-host outage, an S3 outage, three daemon kills and a
+    run's process killed. The verdict is the emulator's charges and the S3 server's objects."""
+    figures = report["chaos"]
+    assert figures["profile"] == ("default" if scale.celery_unavailable() else "celery")
+    faults = figures["faults"]
+    assert (faults["daemon_kills"], faults["worker_kills"]) == (3, 1)
+    assert faults["lost_create_answers"] >= 2 and faults["rate_limited"] >= 2
+    assert faults["media_503s"] > 0 and faults["s3_refusals"] > 0
+    left = {key: figures[key] for key in ("stored", "lost", "abandoned", "duplicate_charges", "stored_twice")}
+    assert left == {"stored": chaos.QUICK_BRIEFS, "lost": 0, "abandoned": 0, "duplicate_charges": 0, "stored_twice": 0}
+    assert isinstance(figures["minutes_to_heal"], float) and figures["minutes_to_heal"] >= 0
+    assert figures["runs_failed"] < figures["runs"]
 
 
 def test_a_transfer_size_below_one_mib_is_refused_before_anything_starts():

@@ -29,7 +29,7 @@ from rivya_pipeline.storage import MIN_PART_BYTES
 from rivya_pipeline_tests.fixtures_emulator import TEST_ACCOUNT, TEST_CREDITS
 from rivya_pipeline_tests.fixtures_pipeline import FAST_LIFECYCLE
 from rivya_pipeline_tests.helpers import KLING_PRICE, s3_bytes, s3_keys
-from rivya_pipeline_tests.s3_fault_proxy import S3FaultProxy
+from rivya_pipeline.emulator.s3_fault_proxy import S3FaultProxy
 
 SEED = 20260511
 SUBJECTS = [

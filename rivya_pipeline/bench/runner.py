@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -23,11 +24,13 @@ def run_benchmarks(
     scale_profile: str | None = None,
 ) -> int:
     """Run `names` (from BENCHMARKS) in order on one stack; `transfer_mb` overrides the transfer's video size (MiB),
-    `scale_briefs` and `scale_profile` the briefs and the one profile of `scale`."""
+    `scale_briefs` the briefs of `scale` and `chaos`, `scale_profile` the one profile of `scale`."""
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
         raise ValueError(f"unknown benchmarks {unknown}; known: {', '.join(BENCHMARKS)}")
     logging.getLogger("rivya_pipeline").setLevel(logging.WARNING)  # progress lines would interleave with figures
+    # A benchmark stopped with SIGTERM unwinds as with Ctrl-C: its daemon, workers and servers are stopped too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     results: dict[str, BenchResult] = {}
     with BenchStack() as stack:
         for name in names:
@@ -35,6 +38,7 @@ def run_benchmarks(
             options = {
                 "transfer": {"mebibytes": transfer_mb},
                 "scale": {"briefs": scale_briefs, "profile": scale_profile},
+                "chaos": {"briefs": scale_briefs},
             }.get(name, {})
             benchmark = importlib.import_module(f"{__package__}.{name}")
             results[name] = benchmark.run(stack, quick, **options)

@@ -1,4 +1,5 @@
-"""A fault-injecting reverse proxy for an S3 endpoint, so tests can give the pipeline's S3 leg real 5xx answers.
+"""A fault-injecting reverse proxy for an S3 endpoint, so tests and `bench chaos` can give the pipeline's S3 leg real
+5xx answers.
 
 It sits on 127.0.0.1 in front of the local S3 server (moto) and forwards every request byte for byte,
 streaming both ways with httpx. A seeded fraction of requests is answered with S3's own 500
@@ -26,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from rivya_pipeline.emulator.serving import BackgroundServers, bind, url_of
+from .serving import BackgroundServers, bind, url_of
 
 # Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never forwarded. `expect` neither: httpx
 # does not do the "100 Continue" handshake, it streams the body on at once.
@@ -128,6 +129,11 @@ class S3FaultProxy:
         rates say (so the outage meets the pipeline however long it takes to get there)."""
         with self._lock:
             self._down_for = seconds
+
+    def outage_ends(self) -> float | None:
+        """The time.monotonic() at which the outage `go_down` armed ends, once a request has opened it (else None)."""
+        with self._lock:
+            return self._down_until or None
 
     # -- tallies -----------------------------------------------------------------------------
 
