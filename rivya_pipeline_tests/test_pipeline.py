@@ -439,7 +439,9 @@ def test_every_resource_field_has_a_description_for_the_ui():
 
 def test_a_store_that_keeps_failing_is_retried_under_new_keys_until_its_window_ends_then_reported(make_pipeline):
     """Failure mode: three immediate retries spent inside a 3-minute outage, and the paid video never stored."""
-    pipeline = make_pipeline(store_window_hours=3 / 3600)  # 3 s on the tests' clock (first retry after 0.2 s)
+    # Waits of 2 s then 4 s within a window of 14 s from the success: the tick just after a failure is surely inside
+    # its wait, even on a loaded machine (with the fast 0.2 s wait, a slow tick was past it: seen once under load).
+    pipeline = make_pipeline(store_window_hours=14 / 3600, store_retry_first_seconds=2.0, store_retry_max_seconds=4.0)
     task_id = materialization(pipeline.submit("sunrise-timelapse"), "generation_task")["task_id"]
     (first,) = pipeline.store_requests(pipeline.tick_until(pipeline.store_requests)).values()
     pipeline.emulator.set_faults([FaultRule(endpoint="media", kind="server_error", status=503)])
