@@ -23,13 +23,13 @@ from dagster import DagsterInstance
 
 from rivya_pipeline.briefs import load_briefs
 from rivya_pipeline.emulator import FAIL_MARKER, FaultRule
+from rivya_pipeline.emulator.s3_fault_proxy import S3FaultProxy
 from rivya_pipeline.headless import HeadlessRun
 from rivya_pipeline.settings import REPO_ROOT
 from rivya_pipeline.storage import MIN_PART_BYTES
 from rivya_pipeline_tests.fixtures_emulator import TEST_ACCOUNT, TEST_CREDITS
 from rivya_pipeline_tests.fixtures_pipeline import FAST_LIFECYCLE
 from rivya_pipeline_tests.helpers import KLING_PRICE, s3_bytes, s3_keys
-from rivya_pipeline.emulator.s3_fault_proxy import S3FaultProxy
 
 SEED = 20260511
 SUBJECTS = [

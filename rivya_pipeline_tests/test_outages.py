@@ -16,10 +16,10 @@ from dagster import DagsterRunStatus
 
 from rivya_pipeline.briefs import Brief, load_briefs
 from rivya_pipeline.emulator import FaultRule
+from rivya_pipeline.emulator.s3_fault_proxy import S3FaultProxy
 from rivya_pipeline.headless import HeadlessRun
 from rivya_pipeline_tests.fixtures_pipeline import FAST_LIFECYCLE, SAMPLE_BRIEFS, Pipeline
 from rivya_pipeline_tests.helpers import KLING_PRICE, s3_keys
-from rivya_pipeline.emulator.s3_fault_proxy import S3FaultProxy
 
 TIME_SCALE = 60  # emulated seconds per real second: a 3-minute outage lasts 3 s
 GIVE_UP_SECONDS = 60.0

@@ -7,9 +7,13 @@ takes N briefs from the folder to S3 while, all in one run:
   under the key replays the task), and answers the first two calls, then a share of all, with 429 + Retry-After;
 - the media host that serves results is down (503) for 3 minutes from the first download;
 - S3, behind a fault proxy, refuses every request (503 SlowDown) for 2 minutes from the moment the media host is up;
-- one run's process is killed with kill -9 while submits run (a worker's pool process, or a default-launcher run
-  process), and the daemon's whole process group is killed three times: while creates are answered, during the
-  media outage and during the S3 outage (each time restarted at once, as a supervisor would).
+- one run's process is killed with kill -9 as soon as a submit runs (a worker's pool process, or a default-launcher
+  run process), and the daemon's whole process group is killed three times: once a quarter of the creates are
+  answered, a third of the way into the media outage and a third of the way into the S3 outage (each time restarted
+  at once, as a supervisor would).
+
+Each fault comes at its own moment, so they overlap as they fall (on 200 briefs the media outage opens while submits
+still run).
 
 The verdict comes from the emulator's charges and from the S3 server behind the proxy, never from the pipeline's own
 account: per brief, `stored` (its video in S3), else `lost` (Rivya charged for it: paid work without a video), else
@@ -70,6 +74,7 @@ RATE_LIMITED_RATE = 0.03
 SEED = 20261202
 STARTED_PID = re.compile(r"Started process for run \(pid: (\d+)\)")
 POLL_SECONDS = 0.5
+MIN_DAEMON_LIFE_SECONDS = 10.0  # between two kills: a daemon that never got to tick is no second death
 
 
 @dataclass(frozen=True)
@@ -79,15 +84,15 @@ class Plan:
     media_outage_seconds: float
     s3_outage_seconds: float
     heal_deadline_seconds: float  # after the last fault: then the bench reports what is left
-    moment_seconds: float  # how long a fault waits for its moment before it strikes anyway
+    moment_seconds: float  # how long a kill waits for its moment before it strikes anyway
     env: dict[str, str]  # pipeline settings beyond the benchmark stack's
     instance_overrides: dict[str, object]
 
 
 FULL = Plan(180.0, 120.0, 20 * 60.0, 600.0, {}, {})
 QUICK = Plan(
+    30.0,
     20.0,
-    15.0,
     8 * 60.0,
     180.0,
     {
@@ -101,25 +106,48 @@ QUICK = Plan(
 
 def api_faults(plan: Plan) -> list[FaultRule]:
     """Each API fault strikes its first two chances for certain (a quick run meets it too), then at its rate."""
-    steady = [("create_generation", "lost_response", LOST_ANSWER_RATE), ("api", "rate_limited", RATE_LIMITED_RATE)]
-    certain = [FaultRule(endpoint=endpoint, kind=kind, times=2) for endpoint, kind, _ in steady]
-    at_rate = [FaultRule(endpoint=endpoint, kind=kind, rate=rate) for endpoint, kind, rate in steady]
-    media = FaultRule(endpoint="media", kind="server_error", status=503, for_seconds=plan.media_outage_seconds)
-    return [*certain, *at_rate, media]
+    return [
+        FaultRule(endpoint="create_generation", kind="lost_response", times=2),
+        FaultRule(endpoint="api", kind="rate_limited", times=2),
+        FaultRule(endpoint="create_generation", kind="lost_response", rate=LOST_ANSWER_RATE),
+        FaultRule(endpoint="api", kind="rate_limited", rate=RATE_LIMITED_RATE),
+        FaultRule(endpoint="media", kind="server_error", status=503, for_seconds=plan.media_outage_seconds),
+    ]
+
+
+@dataclass
+class Strike:
+    """One fault: done once `due()` holds (or, for a kill, once `Plan.moment_seconds` have passed without it)."""
+
+    name: str
+    due: Callable[[], bool]
+    act: Callable[[], None]
+    may_wait_forever: bool = False  # an outage armed by another's end: its moment always comes
+    done: bool = False
 
 
 class Chaos:
-    """The running batch and the faults done to it: each `strike_*` waits for its moment, then strikes."""
+    """The running batch and the faults done to it, each at its own moment, so they overlap as they fall."""
 
     def __init__(
-        self, stack: BenchStack, deployed: Deployment, instance: DagsterInstance, ledger: Ledger, plan: Plan, log: Path
+        self,
+        stack: BenchStack,
+        deployed: Deployment,
+        instance: DagsterInstance,
+        ledger: Ledger,
+        proxy: S3FaultProxy,
+        plan: Plan,
+        log: Path,
     ) -> None:
-        self.stack, self.deployed, self.instance, self.ledger, self.plan = stack, deployed, instance, ledger, plan
+        self.stack, self.deployed, self.instance, self.ledger = stack, deployed, instance, ledger
+        self.proxy, self.plan = proxy, plan
         self.services = ServiceProcesses(deployed.env, log_dir=log)
         self.daemon = "daemon"
+        self.daemon_started = time.monotonic()
         self.fault_ends: list[float] = []  # time.time() of each fault's end
         self.events: list[str] = []
         self.began = time.monotonic()
+        self.s3_armed_at: float | None = None
 
     def note(self, event: str) -> None:
         line = f"chaos +{time.monotonic() - self.began:6.1f} s: {event}"
@@ -135,31 +163,7 @@ class Chaos:
         if (target := self.deployed.target) is not None:
             wait_until(lambda: workers_ready(target, WORKERS), "the workers", startup, self.services)
 
-    def wait_for(self, moment: Callable[[], object], what: str) -> object:
-        """Until `moment()` is truthy (its value), or `plan.moment_seconds` have passed (None: strike anyway)."""
-        give_up = time.monotonic() + self.plan.moment_seconds
-        while time.monotonic() < give_up:
-            if found := moment():
-                return found
-            if self.daemon in self.services.exited():
-                raise RuntimeError(
-                    f"the daemon exited by itself while waiting for {what} (logs: {self.services.log_dir})"
-                )
-            time.sleep(POLL_SECONDS)
-        self.note(f"{what}: not seen within {self.plan.moment_seconds:.0f} s, striking anyway")
-        return None
-
-    def kill_daemon(self, when: str) -> None:
-        """kill -9 of the daemon's process group (a node drain: on the default profile its run processes too)."""
-        daemon = self.services.processes.pop(self.daemon)
-        tree = psutil.Process(daemon.pid).children(recursive=True)
-        os.killpg(daemon.pid, signal.SIGKILL)
-        daemon.wait(timeout=30)
-        psutil.wait_procs(tree, timeout=10)
-        self.fault_ends.append(time.time())
-        self.daemon = f"daemon-{len(self.fault_ends)}"
-        self.services.start(self.daemon, daemon_command())
-        self.note(f"daemon killed ({when}) and started again")
+    # -- what the strikes look at ----------------------------------------------------------------
 
     def running_submit_pid(self) -> int | None:
         for run in self.instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED])):
@@ -174,42 +178,115 @@ class Chaos:
         by_status = self.ledger.count_by_status()
         return sum(by_status.values()) - by_status.get("submitting", 0)
 
-    def media_window(self) -> dict[str, str] | None:
+    def media_window(self) -> tuple[float, float] | None:
+        """(opened, closes) of the media outage, time.time() seconds, once the first download opened it."""
         windows = [window for window in self.stack.stats()["fault_windows"] if window["endpoint"] == "media"]
-        return windows[0] if windows and windows[0]["opened_wall"] else None
+        if not windows or not windows[0]["opened_wall"]:
+            return None
+        opened, closes = (datetime.fromisoformat(windows[0][key]).timestamp() for key in ("opened_wall", "closes_wall"))
+        return opened, closes
 
-    def strike_worker(self) -> None:
-        pid = self.wait_for(self.running_submit_pid, "a submit run executing")
-        if isinstance(pid, int):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                psutil.Process(pid).kill()
-            self.fault_ends.append(time.time())
-            self.note(f"kill -9 of the process executing a submit run (pid {pid})")
+    def s3_window(self) -> tuple[float, float] | None:
+        """(opened, closes) of the S3 outage, time.time() seconds, once a request opened it."""
+        ends = self.proxy.outage_ends()
+        if ends is None:
+            return None
+        closes = time.time() + ends - time.monotonic()
+        return closes - self.plan.s3_outage_seconds, closes
 
-    def strike_media_outage(self) -> float:
-        """Wait for the media outage (it opens at the first download) and kill the daemon during it; its end."""
-        window = self.wait_for(self.media_window, "the media outage")
-        if not isinstance(window, dict):
-            raise RuntimeError("no result was downloaded: the media outage never opened")
-        self.note(f"media host down until {window['closes_wall']}")
-        time.sleep(self.plan.media_outage_seconds / 3)
-        self.kill_daemon("media host down")
-        closes = datetime.fromisoformat(window["closes_wall"]).timestamp()
-        time.sleep(max(0.0, closes - time.time()))
-        self.fault_ends.append(closes)
-        return closes
+    def daemon_up_for(self) -> float:
+        return time.monotonic() - self.daemon_started
 
-    def strike_s3_outage(self, proxy: S3FaultProxy) -> None:
-        proxy.go_down(self.plan.s3_outage_seconds)
-        self.note(f"S3 down for {self.plan.s3_outage_seconds:.0f} s from its next request")
-        if self.wait_for(proxy.outage_ends, "the S3 outage") is None:
-            raise RuntimeError("nothing reached S3 after the media outage: the S3 outage never opened")
-        time.sleep(self.plan.s3_outage_seconds / 3)
-        self.kill_daemon("S3 down")
-        ends = proxy.outage_ends()
-        assert ends is not None
-        time.sleep(max(0.0, ends - time.monotonic()))
+    # -- the strikes -------------------------------------------------------------------------------
+
+    def kill_daemon(self, when: str) -> None:
+        """kill -9 of the daemon's process group (a node drain: on the default profile its run processes too)."""
+        daemon = self.services.processes.pop(self.daemon)
+        tree = psutil.Process(daemon.pid).children(recursive=True)
+        os.killpg(daemon.pid, signal.SIGKILL)
+        daemon.wait(timeout=30)
+        psutil.wait_procs(tree, timeout=10)
         self.fault_ends.append(time.time())
+        self.daemon = f"daemon-{len(self.fault_ends)}"
+        self.services.start(self.daemon, daemon_command())
+        self.daemon_started = time.monotonic()
+        self.note(f"daemon killed ({when}) and started again")
+
+    def kill_run_process(self) -> None:
+        pid = self.running_submit_pid()
+        if pid is None:
+            self.note("no submit run executing: no run process killed")
+            return
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).kill()
+        self.fault_ends.append(time.time())
+        self.note(f"kill -9 of the process executing a submit run (pid {pid})")
+
+    def arm_s3_outage(self) -> None:
+        self.proxy.go_down(self.plan.s3_outage_seconds)
+        self.s3_armed_at = time.monotonic()
+        media = self.media_window()
+        assert media is not None
+        self.fault_ends.append(media[1])
+        self.note(f"media host up again; S3 down for {self.plan.s3_outage_seconds:.0f} s from its next request")
+
+    def within(self, window: tuple[float, float] | None) -> bool:
+        """A third of the way into an outage (and the daemon up long enough to have ticked since its last kill)."""
+        if window is None or self.daemon_up_for() < MIN_DAEMON_LIFE_SECONDS:
+            return False
+        opened, closes = window
+        return opened + (closes - opened) / 3 <= time.time() < closes
+
+    def strikes(self, count: int) -> list[Strike]:
+        return [
+            Strike("a run's process", lambda: self.running_submit_pid() is not None, self.kill_run_process),
+            Strike(
+                "the daemon while creates are answered",
+                lambda: self.answered() >= count // 4 and self.daemon_up_for() >= MIN_DAEMON_LIFE_SECONDS,
+                lambda: self.kill_daemon("creates being answered"),
+            ),
+            Strike(
+                "the daemon during the media outage",
+                lambda: self.within(self.media_window()),
+                lambda: self.kill_daemon("media host down"),
+            ),
+            Strike(
+                "S3",
+                lambda: (media := self.media_window()) is not None and time.time() >= media[1],
+                self.arm_s3_outage,
+                may_wait_forever=True,
+            ),
+            Strike(
+                "the daemon during the S3 outage",
+                lambda: self.within(self.s3_window()),
+                lambda: self.kill_daemon("S3 down"),
+                may_wait_forever=True,
+            ),
+        ]
+
+    def strike_all(self, count: int) -> None:
+        """Every strike at its moment; a kill whose moment has not come within `Plan.moment_seconds` strikes anyway."""
+        strikes = self.strikes(count)
+        give_up = time.monotonic() + self.plan.moment_seconds
+        while not all(strike.done for strike in strikes):
+            if self.daemon in self.services.exited():
+                raise RuntimeError(f"the daemon exited by itself (logs: {self.services.log_dir})")
+            for strike in strikes:
+                if strike.done:
+                    continue
+                late = time.monotonic() > give_up
+                if strike.due() or (late and not strike.may_wait_forever):
+                    if late and not strike.due():
+                        self.note(f"{strike.name}: its moment not seen within {self.plan.moment_seconds:.0f} s")
+                    strike.act()
+                    strike.done = True
+            if time.monotonic() > give_up + self.plan.heal_deadline_seconds:
+                raise RuntimeError(f"the outages never opened: {[s.name for s in strikes if not s.done]}")
+            time.sleep(POLL_SECONDS)
+        s3 = self.s3_window()
+        assert s3 is not None
+        time.sleep(max(0.0, s3[1] - time.time()))
+        self.fault_ends.append(s3[1])
 
 
 def stored_briefs(stack: BenchStack) -> dict[str, set[str]]:
@@ -274,7 +351,7 @@ def run(stack: BenchStack, quick: bool, briefs: int | None = None) -> BenchResul
         instance = opened.enter_context(DagsterInstance.from_config(str(deployed.home)))
         ledger = Ledger(default_ledger_url(instance))
         opened.callback(ledger.close)
-        chaos = Chaos(stack, deployed, instance, ledger, plan, root / "logs")
+        chaos = Chaos(stack, deployed, instance, ledger, proxy, plan, root / "logs")
         opened.enter_context(chaos.services)
         chaos.start()
         sleep_until_before_next_tick()
@@ -282,11 +359,7 @@ def run(stack: BenchStack, quick: bool, briefs: int | None = None) -> BenchResul
         brief_ids = sorted(path.stem for path in folder.iterdir())
         chaos.note(f"{count} briefs in the folder ({profile} profile)")
 
-        chaos.strike_worker()
-        chaos.wait_for(lambda: chaos.answered() >= count // 2, "half of the creates answered")
-        chaos.kill_daemon("creates being answered")
-        chaos.strike_media_outage()
-        chaos.strike_s3_outage(proxy)
+        chaos.strike_all(count)
         last_fault = max(chaos.fault_ends)
         chaos.note("last fault over")
 
