@@ -79,11 +79,12 @@ class Brief:
 
 @dataclass
 class FolderContext:
-    """What checking a brief needs from the folder it sits in; `first_use` is shared by all of its briefs."""
+    """What checking a brief needs from the folder it sits in. `references_resolved` collects every reference path
+    a check resolved, found or not: a reading of a file stays true while those files stay as they were."""
 
     root: Path
     catalog: Mapping[str, ModelInfo]
-    first_use: dict[str, tuple[Path, int]] = dataclasses.field(default_factory=dict)
+    references_resolved: list[Path] = dataclasses.field(default_factory=list)
 
 
 def kind_of(value: Any) -> str:
@@ -91,11 +92,14 @@ def kind_of(value: Any) -> str:
     return "nothing" if value is None else type(value).__name__
 
 
-def check_brief(context: FolderContext, path: Path, index: int, entry: Any) -> tuple[Brief | None, list[BriefError]]:
-    """The brief at `index` of the file `path`, or None, and every problem it has."""
+def check_brief(
+    context: FolderContext, path: Path, index: int, entry: Any
+) -> tuple[Brief | None, list[BriefError], str | None]:
+    """The brief at `index` of the file `path`, or None; every problem it has; and its id when that is valid (ids
+    are unique across the folder, which the folder's reading checks: see briefs.py)."""
     checker = _BriefChecker(context, path, index, entry)
     brief = checker.check()
-    return (brief if not checker.errors else None), checker.errors
+    return (brief if not checker.errors else None), checker.errors, checker.brief_id
 
 
 class _BriefChecker:
@@ -117,8 +121,6 @@ class _BriefChecker:
             self.refuse("brief", f"must be a mapping with keys {', '.join(ALLOWED_KEYS)}, got {kind_of(self.entry)}")
             return None
         self.brief_id = self.read_id()
-        if self.brief_id is not None:
-            self.claim_id(self.brief_id)
         return self.read_fields()
 
     def read_id(self) -> str | None:
@@ -141,16 +143,6 @@ class _BriefChecker:
             )
             return None
         return brief_id
-
-    def claim_id(self, brief_id: str) -> None:
-        """Ids name partitions and stored videos, so one id may appear once in the whole folder."""
-        first = self.context.first_use.setdefault(brief_id, (self.path, self.index))
-        if first != (self.path, self.index):
-            first_path, first_index = first
-            self.refuse(
-                "id",
-                f"duplicate: brief #{self.index + 1} here reuses the id of brief #{first_index + 1} in {first_path}",
-            )
 
     def read_fields(self) -> Brief | None:
         for key in self.entry:
@@ -247,6 +239,7 @@ class _BriefChecker:
             self.refuse(field, f"absolute path {reference!r} refused: give a path relative to this file")
             return None
         path = (self.path.parent / reference).resolve()
+        self.context.references_resolved.append(path)
         if not path.is_relative_to(self.context.root):
             self.refuse(field, f"{reference!r} is outside the requests folder {self.context.root}")
             return None

@@ -9,13 +9,14 @@ is the folder: its files, their YAML, ids unique across them, and lookups by id.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .brief_rules import Brief, BriefError, FolderContext, check_brief, kind_of
-from .rivya.generation import BUILTIN_MODELS
+from .rivya.generation import BUILTIN_MODELS, FileSignature, file_signature
 from .rivya.models import ModelInfo
 from .settings import REQUESTS_PATH_ENV
 
@@ -72,15 +73,31 @@ def scan_briefs(
     return _read_folder(Path(folder), model_specs)
 
 
-def load_brief_by_id(folder: Path, brief_id: str, *, model_specs: Mapping[str, ModelInfo] | None = None) -> Brief:
+def load_brief_by_id(
+    folder: Path,
+    brief_id: str,
+    *,
+    model_specs: Mapping[str, ModelInfo] | None = None,
+    source: Path | None = None,
+) -> Brief:
     """The brief with `brief_id`, even when *other* briefs in the folder are broken.
 
     One user's typo must not stop every other brief's run, so only problems that concern this id
     (its own fields, a duplicate of it) are raised. When the id is nowhere to be found and some files
     could not be read, those problems are raised, since the brief may sit in one of them.
+
+    `source` is where the brief was last seen (the index discovery keeps): when that file still holds a valid brief
+    with this id, only that file is read. Otherwise, the whole folder.
     """
     folder = Path(folder)
-    briefs, errors = _read_folder(folder, model_specs) if model_specs else _read_folder_cached(folder)
+    root = folder.resolve()
+    if source is not None and source.resolve().is_relative_to(root) and source.suffix in (".yaml", ".yml"):
+        context = FolderContext(root=root, catalog={**BUILTIN_MODELS, **(model_specs or {})})
+        reading = _read_file(context, source, remember=model_specs is None)
+        for entry in reading.entries:
+            if entry.brief_id == brief_id and entry.brief is not None:
+                return entry.brief
+    briefs, errors = _read_folder(folder, model_specs)
     own_errors = [e for e in errors if e.brief_id == brief_id]
     if own_errors:
         raise BriefErrors(own_errors)
@@ -93,69 +110,100 @@ def load_brief_by_id(folder: Path, brief_id: str, *, model_specs: Mapping[str, M
     raise not_found
 
 
+@dataclass(frozen=True)
+class _EntryReading:
+    """One raw brief of a file, checked: the brief or None, its problems, and its id when that is valid."""
+
+    brief: Brief | None
+    errors: tuple[BriefError, ...]
+    brief_id: str | None
+
+
+@dataclass(frozen=True)
+class _FileReading:
+    """One brief file as checked, with what the check depended on: the file's bytes and its references' state."""
+
+    text: bytes
+    references: tuple[tuple[Path, FileSignature | None], ...]
+    entries: tuple[_EntryReading, ...] = ()
+    error: BriefError | None = None
+
+    def still_true(self, text: bytes) -> bool:
+        return text == self.text and all(file_signature(path) == seen for path, seen in self.references)
+
+
+# The last reading of every brief file, by folder then path (built-in catalog only): a file is parsed and checked
+# again only when its bytes or one of its references changed, so an unchanged folder costs a read of its files.
+_readings: dict[Path, dict[Path, _FileReading]] = {}
+
+
+def _brief_files(folder: Path) -> list[Path]:
+    return sorted({path for pattern in BRIEF_PATTERNS for path in folder.rglob(pattern) if path.is_file()})
+
+
 def _read_folder(folder: Path, model_specs: Mapping[str, ModelInfo] | None) -> tuple[list[Brief], list[BriefError]]:
     if not folder.is_dir():
         return [], [BriefError(folder, "folder", f"not a folder (set {REQUESTS_PATH_ENV} to the briefs folder)")]
     context = FolderContext(root=folder.resolve(), catalog={**BUILTIN_MODELS, **(model_specs or {})})
+    remember = model_specs is None
+    readings = {path: _read_file(context, path, remember=remember) for path in _brief_files(folder)}
+    if remember:
+        _readings[context.root] = readings  # files that left the folder leave the memory too
     briefs: list[Brief] = []
     errors: list[BriefError] = []
-    for path in sorted({path for pattern in BRIEF_PATTERNS for path in folder.rglob(pattern) if path.is_file()}):
-        try:
-            entries = _file_entries(path)
-        except BriefError as error:
-            errors.append(error)
-            continue
-        for index, entry in enumerate(entries):
-            brief, problems = check_brief(context, path, index, entry)
+    first_use: dict[str, tuple[Path, int]] = {}
+    for path, reading in readings.items():
+        if reading.error is not None:
+            errors.append(reading.error)
+        for index, entry in enumerate(reading.entries):
+            problems, brief = list(entry.errors), entry.brief
+            if entry.brief_id is not None:
+                # Ids name partitions and stored videos, so one id may appear once in the whole folder.
+                first_path, first_index = first_use.setdefault(entry.brief_id, (path, index))
+                if (first_path, first_index) != (path, index):
+                    rule = (
+                        f"duplicate: brief #{index + 1} here reuses the id of brief #{first_index + 1} in {first_path}"
+                    )
+                    problems.insert(0, BriefError(path, "id", rule, brief_id=entry.brief_id, index=index))
+                    brief = None
             if brief is not None:
                 briefs.append(brief)
             errors += problems
     return briefs, errors
 
 
-# The last reading of each folder, with the state it was read in (see _folder_state).
-_last_reading: dict[Path, tuple[tuple[Any, ...], tuple[list[Brief], list[BriefError]]]] = {}
-
-
-def _folder_state(folder: Path) -> tuple[Any, ...]:
-    """What a reading of `folder` depends on: every brief file's bytes, and the size and modification time of
-    every other file (the reference images, which can only live inside the folder)."""
-    state = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        if path.suffix in (".yaml", ".yml"):
-            state.append((path, path.read_bytes()))
-        else:
-            stat = path.stat()
-            state.append((path, stat.st_size, stat.st_mtime_ns))
-    return tuple(state)
-
-
-def _read_folder_cached(folder: Path) -> tuple[list[Brief], list[BriefError]]:
-    """`_read_folder` with the built-in catalog, read again only when the folder changed.
-
-    Every run of a brief's partition looks its brief up by id, and a lookup has to read the whole folder
-    (ids are unique across it): without this, N briefs cost N full readings, quadratic in YAML parsing.
-    """
-    if not folder.is_dir():
-        return _read_folder(folder, None)
-    state = _folder_state(folder)
-    last = _last_reading.get(folder)
-    if last is not None and last[0] == state:
-        return last[1]
-    reading = _read_folder(folder, None)
-    _last_reading[folder] = (state, reading)
+def _read_file(context: FolderContext, path: Path, *, remember: bool) -> _FileReading:
+    """The reading of one brief file: the remembered one while it is still true, else a fresh one."""
+    try:
+        text = path.read_bytes()
+    except OSError as error:
+        return _FileReading(b"", (), error=BriefError(path, "file", f"cannot be read ({error.strerror})"))
+    last = _readings.get(context.root, {}).get(path) if remember else None
+    if last is not None and last.still_true(text):
+        return last
+    resolved_before = len(context.references_resolved)
+    try:
+        raw_entries = _file_entries(path, text)
+    except BriefError as error:
+        return _FileReading(text, (), error=error)
+    entries = []
+    for index, raw in enumerate(raw_entries):
+        brief, problems, brief_id = check_brief(context, path, index, raw)
+        entries.append(_EntryReading(brief, tuple(problems), brief_id))
+    references = tuple((ref, file_signature(ref)) for ref in context.references_resolved[resolved_before:])
+    reading = _FileReading(text, references, tuple(entries))
+    if remember:
+        _readings.setdefault(context.root, {})[path] = reading
     return reading
 
 
-def _file_entries(path: Path) -> list[Any]:
-    """The raw briefs of one file: its single mapping, or its `requests:` list."""
+def _file_entries(path: Path, text: bytes) -> list[Any]:
+    """The raw briefs of one file (its bytes): its single mapping, or its `requests:` list."""
     try:
         # _BriefLoader is a SafeLoader: no arbitrary objects.
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_BriefLoader)  # noqa: S506
+        data = yaml.load(text.decode("utf-8"), Loader=_BriefLoader)  # noqa: S506
     except UnicodeDecodeError as error:
         raise BriefError(path, "file", f"not UTF-8 text ({error.reason} at byte {error.start})") from error
-    except OSError as error:
-        raise BriefError(path, "file", f"cannot be read ({error.strerror})") from error
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -56,8 +56,8 @@ RESEND_TAG = "rivya/resend"  # on a run the sensor launched to re-send one unans
     description="One YAML brief, validated offline (prompt, params, reference images). Its data version is the "
     "hash of what it asks for, so editing a brief marks everything downstream stale.",
 )
-def video_brief(context: AssetExecutionContext, briefs: BriefsResource) -> MaterializeResult:
-    brief = briefs.load(context.partition_key)
+def video_brief(context: AssetExecutionContext, briefs: BriefsResource, ledger: LedgerResource) -> MaterializeResult:
+    brief = briefs.load(context.partition_key, ledger.for_instance(context.instance))
     return MaterializeResult(data_version=DataVersion(brief.content_hash), metadata=events.brief_metadata(brief))
 
 

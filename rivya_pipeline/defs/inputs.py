@@ -40,10 +40,11 @@ class TaskHandle:
     deadline_at: datetime
 
 
-@input_manager(required_resource_keys={"briefs"})
+@input_manager(required_resource_keys={"briefs", "ledger"})
 def brief_from_folder(context: InputContext) -> Brief:
-    """The partition's brief, validated again from its file (cheap, offline)."""
-    return context.resources.briefs.load(context.asset_partition_key)
+    """The partition's brief, validated again from its file (cheap, offline: the ledger's index names the file)."""
+    index = context.resources.ledger.for_instance(context.instance)
+    return context.resources.briefs.load(context.asset_partition_key, index)
 
 
 @input_manager

@@ -18,7 +18,7 @@ from pydantic import Field, PrivateAttr
 from sqlalchemy.exc import DBAPIError
 
 from ..briefs import Brief, load_brief_by_id
-from ..ledger import CreditLimits, Ledger, StoreRetryPolicy, TaskTracker
+from ..ledger import BriefIndex, CreditLimits, Ledger, StoreRetryPolicy, TaskTracker
 from ..polling import TaskPoller
 from ..qc.thresholds import QcThresholds
 from ..rivya import RetryPolicy, RivyaClient
@@ -250,5 +250,7 @@ class BriefsResource(ConfigurableResource):
     def folder(self) -> Path:
         return Path(self.requests_path)
 
-    def load(self, brief_id: str) -> Brief:
-        return load_brief_by_id(self.folder(), brief_id)
+    def load(self, brief_id: str, index: BriefIndex | None = None) -> Brief:
+        """The brief, read from the file `index` last saw it in when that file still holds it, else from the folder."""
+        folder = self.folder()
+        return load_brief_by_id(folder, brief_id, source=index.brief_file(folder, brief_id) if index else None)

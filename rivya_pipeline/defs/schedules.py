@@ -135,6 +135,9 @@ def build_discovery_schedule(cron: str) -> ScheduleDefinition:
         found, errors = scan_briefs(briefs.folder())
         for error in errors:
             context.log.warning(f"skipped invalid brief: {error}")
+        # A hint for the runs (each reads its own brief's file), not a record of what was launched: writing it
+        # before any run exists hides nothing from a later tick.
+        ledger.for_instance(context.instance).index_brief_files(briefs.folder(), {b.id: b.source for b in found})
         launched = launched_versions(context.instance)
         fresh = [b for b in found if brief_version(b) not in launched]
         again = relaunches(

@@ -9,8 +9,9 @@ It does two jobs no in-process object can do across processes:
   its task (or replays the identical create under the same Idempotency-Key) instead of paying twice, and the
   sensor polls a bounded batch of due tasks.
 
-Beside them: the spend report (`report.py`). One code path (SQLAlchemy 2 Core, tables in `schema.py`) serves SQLite
-(default: a file in DAGSTER_HOME) and PostgreSQL. `database.py` owns the engine and the lock: budget decisions are
+Beside them: the spend report (`report.py`) and where each brief was last seen in its folder (`brief_index.py`).
+One code path (SQLAlchemy 2 Core, tables in `schema.py`) serves SQLite (default: a file in DAGSTER_HOME) and
+PostgreSQL. `database.py` owns the engine and the lock: budget decisions are
 serialized with `BEGIN IMMEDIATE` on SQLite and `pg_advisory_xact_lock` on PostgreSQL; both last only for the
 transaction, and no lock is ever held across a create or a poll.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .brief_index import BriefIndex
 from .database import SUBMIT_LOCK_ID, LedgerDatabase
 from .report import UNKNOWN_OUTCOME_HINT, SpendReport
 from .spend import (
@@ -33,7 +35,7 @@ from .spend import (
 from .tasks import StatusUpdate, StoreRetryPolicy, TaskRecord, TaskTracker
 
 
-class Ledger(SpendGuard, TaskTracker, SpendReport):
+class Ledger(SpendGuard, TaskTracker, SpendReport, BriefIndex):
     """The ledger at a SQLAlchemy URL: every part of it on one shared database. Safe to open from many processes.
 
     A caller that needs one concern only can be typed with that part (the poller takes a TaskTracker).
@@ -55,6 +57,7 @@ __all__ = [
     "RESEND_WINDOW",
     "SUBMIT_LOCK_ID",
     "UNKNOWN_OUTCOME_HINT",
+    "BriefIndex",
     "BudgetExceeded",
     "CreditLimits",
     "Ledger",

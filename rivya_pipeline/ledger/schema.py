@@ -81,3 +81,13 @@ tasks = Table(
     Index("ix_rivya_tasks_submitted", "submitted_at"),
     Index("ix_rivya_tasks_brief_submitted", "brief_id", "submitted_at"),
 )
+
+# Where discovery last saw each brief: a run reads its own brief's file instead of the whole folder. A hint, checked
+# on every read (the file must still hold a valid brief with that id); a row that no longer holds is simply not used.
+brief_files = Table(
+    "rivya_brief_files",
+    metadata,
+    Column("folder", String(1000), primary_key=True),  # the briefs folder, resolved
+    Column("brief_id", String(200), primary_key=True),
+    Column("path", Text, nullable=False),  # the brief's file, relative to the folder
+)

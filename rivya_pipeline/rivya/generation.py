@@ -7,8 +7,10 @@ built in, so a brief for the default model is checked with no network at all.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import stat as stat_mode
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,21 +72,43 @@ class ReferenceImage(BaseModel):
 
     @classmethod
     def from_path(cls, path: Path, *, field: str, policy: ReferencePolicy = IMAGE_REFERENCES) -> ReferenceImage:
-        if not path.is_file():
+        signature = file_signature(path)
+        if signature is None:
             raise RequestValidationError(field, f"file not found: {path}")
-        size = path.stat().st_size
+        size = signature[0]
         if size == 0:
             raise RequestValidationError(field, "file is empty")
         if size > policy.max_bytes:
             raise RequestValidationError(field, f"{size:,} bytes is over the limit of {policy.max_bytes:,} bytes")
-        guessed = filetype.guess_mime(str(path))
+        guessed, digest = _sniffed_and_hashed(path, signature)
         if guessed not in policy.mime_types:
             allowed = ", ".join(sorted(policy.mime_types))
             raise RequestValidationError(
                 field, f"content is {guessed or 'not a recognised image'}, must be one of {allowed}"
             )
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
         return cls(path=path, name=path.name, mime_type=guessed, size_bytes=size, sha256=digest)
+
+
+FileSignature = tuple[int, int, int, int]
+
+
+def file_signature(path: Path) -> FileSignature | None:
+    """Size, inode, mtime and ctime (ns) of a regular file, None if there is none: any write or replacement of the
+    file changes one of them (ctime even when a writer restores the mtime)."""
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    if not stat_mode.S_ISREG(found.st_mode):
+        return None
+    return found.st_size, found.st_ino, found.st_mtime_ns, found.st_ctime_ns
+
+
+@functools.lru_cache(maxsize=4096)
+def _sniffed_and_hashed(path: Path, signature: FileSignature) -> tuple[str | None, str]:
+    """(type by magic bytes, SHA-256) of the file as it is at `signature`: an image that many briefs reference is
+    read once per change, not once per brief and per folder reading."""
+    return filetype.guess_mime(str(path)), hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def validate_prompt(spec: ModelInfo, prompt: Any) -> str:
