@@ -40,7 +40,11 @@ class BriefErrors(ValueError):
         return "\n".join(str(e) for e in self.errors)
 
 
-class _BriefLoader(yaml.SafeLoader):
+# libyaml's parser where PyYAML was built with it (the wheels are): it parses a brief about ten times faster.
+_SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _BriefLoader(_SafeLoader):
     """YAML 1.1 reads `16:9` as the base-60 number 969; in a brief it always means the text."""
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> Any:
