@@ -65,9 +65,11 @@ INSTANCE_OVERRIDES = {
 }
 SEED_ENV = "RIVYA_DEATHS_SEED"
 MOMENT_SECONDS = 100.0  # how long a kill waits for its phase to begin before it kills anyway
-STORED_DEADLINE_SECONDS = 240.0  # from the last kill to every brief stored
-# No video stored, no run changing status, no create answered for this long: the batch is stuck, not slow.
-STALL_SECONDS = 75.0
+STORED_DEADLINE_SECONDS = 300.0  # from the last kill to every brief stored
+# No video stored, no run changing status, no create answered for this long: the batch is stuck, not slow. Longer
+# than the start timeout: a run whose launch was cut short (or whose process takes a minute to start on a loaded
+# machine) stays STARTING until monitoring fails it, and 75 s, shorter than that, once called such a batch stuck.
+STALL_SECONDS = INSTANCE_OVERRIDES["run_monitoring"]["start_timeout_seconds"] + 45.0
 SETTLE_SECONDS = 90.0  # from every brief stored to no run unfinished, and to a discovery tick after the last kill
 MOMENT_POLL_SECONDS = 0.1
 STORE_JOBS = {"store_videos", "store_video"}
@@ -215,14 +217,19 @@ def wait_until_every_brief_stored(instance: DagsterInstance, ledger: Ledger, ser
         if moving != last:
             last, moved = moving, time.monotonic()
         if services.exited() or time.monotonic() > min(give_up, moved + STALL_SECONDS):
-            unfinished = [
-                (r.job_name, r.status.value, r.tags.get("dagster/partition")) for r in unfinished_runs(instance)
-            ]
+            unfinished = [run_state(instance, run) for run in unfinished_runs(instance)]
             raise AssertionError(
                 f"briefs not stored: {sorted(set(BRIEFS) - warm.stored_briefs(instance))}; {now}; runs unfinished: "
                 f"{unfinished}; exited: {services.exited()}; logs in {services.log_dir}"
             )
         time.sleep(warm.POLL_SECONDS)
+
+
+def run_state(instance: DagsterInstance, run: DagsterRun) -> tuple[str, str, str | None, str]:
+    """A run left unfinished, for the failure message: job, status, partition, and its last event and its age."""
+    events = instance.all_logs(run.run_id)
+    last = f"{time.time() - events[-1].timestamp:.0f} s ago: {events[-1].message[:160]}" if events else "no event"
+    return run.job_name, run.status.value, run.tags.get("dagster/partition"), last
 
 
 def assert_bought_at_most_once(emulator: RivyaEmulator, ledger: Ledger) -> None:
