@@ -53,21 +53,17 @@ from ..workers import ServiceProcesses, daemon_command, profile_with
 from .common import BenchResult, Figure
 from .scale import (
     GENERATION,
-    STARTUP_DEADLINE_SECONDS,
     Deployment,
     celery_unavailable,
     deployment,
-    ready,
     sleep_until_before_next_tick,
-    wait_until,
-    workers_ready,
+    start_deployment,
     write_briefs,
 )
 from .stack import BENCH_BUCKET, BenchStack
 
 FULL_BRIEFS = 200
 QUICK_BRIEFS = 20
-WORKERS, WORKER_CONCURRENCY = 2, 2
 GOAL_MINUTES_TO_HEAL = 15.0
 LOST_ANSWER_RATE = 0.05
 RATE_LIMITED_RATE = 0.03
@@ -147,21 +143,11 @@ class Chaos:
         self.fault_ends: list[float] = []  # time.time() of each fault's end
         self.events: list[str] = []
         self.began = time.monotonic()
-        self.s3_armed_at: float | None = None
 
     def note(self, event: str) -> None:
         line = f"chaos +{time.monotonic() - self.began:6.1f} s: {event}"
         self.events.append(line)
         print(line, file=sys.stderr, flush=True)
-
-    def start(self) -> None:
-        self.services.start(self.daemon, daemon_command())
-        if self.deployed.target is not None:
-            self.services.start_workers(self.deployed.target, WORKERS, WORKER_CONCURRENCY)
-        startup = time.monotonic() + STARTUP_DEADLINE_SECONDS
-        wait_until(lambda: ready(self.instance), "the daemon", startup, self.services)
-        if (target := self.deployed.target) is not None:
-            wait_until(lambda: workers_ready(target, WORKERS), "the workers", startup, self.services)
 
     # -- what the strikes look at ----------------------------------------------------------------
 
@@ -224,7 +210,6 @@ class Chaos:
 
     def arm_s3_outage(self) -> None:
         self.proxy.go_down(self.plan.s3_outage_seconds)
-        self.s3_armed_at = time.monotonic()
         media = self.media_window()
         assert media is not None
         self.fault_ends.append(media[1])
@@ -353,7 +338,7 @@ def run(stack: BenchStack, quick: bool, briefs: int | None = None) -> BenchResul
         opened.callback(ledger.close)
         chaos = Chaos(stack, deployed, instance, ledger, proxy, plan, root / "logs")
         opened.enter_context(chaos.services)
-        chaos.start()
+        start_deployment(deployed, instance, chaos.services)
         sleep_until_before_next_tick()
         write_briefs(folder, count)
         brief_ids = sorted(path.stem for path in folder.iterdir())

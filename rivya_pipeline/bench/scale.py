@@ -216,6 +216,17 @@ def workers_ready(target: CeleryTarget, count: int) -> bool:
     return len({name for name in names if name.startswith(f"{target.queue}-")}) >= count
 
 
+def start_deployment(deployed: Deployment, instance: DagsterInstance, services: ServiceProcesses) -> None:
+    """The profile's daemon (named "daemon") and its workers, once the daemon ticks and the workers answer."""
+    services.start("daemon", daemon_command())
+    if deployed.target is not None:
+        services.start_workers(deployed.target, WORKERS, WORKER_CONCURRENCY)
+    startup = time.monotonic() + STARTUP_DEADLINE_SECONDS
+    wait_until(lambda: ready(instance), "the daemon", startup, services)
+    if (target := deployed.target) is not None:
+        wait_until(lambda: workers_ready(target, WORKERS), "the workers", startup, services)
+
+
 def sleep_until_before_next_tick() -> None:
     """Until BRIEFS_BEFORE_TICK_SECONDS before a minute starts (the next but one when the next is too close)."""
     now = datetime.now(UTC)
@@ -236,14 +247,7 @@ def measure_profile(
         opened.enter_context(mock.patch.dict(os.environ, deployed.env))
         instance = opened.enter_context(DagsterInstance.from_config(str(deployed.home)))
         services = opened.enter_context(ServiceProcesses(deployed.env, log_dir=root / f"logs-{profile}"))
-        services.start("daemon", daemon_command())
-        if deployed.target is not None:
-            services.start_workers(deployed.target, WORKERS, WORKER_CONCURRENCY)
-        startup = time.monotonic() + STARTUP_DEADLINE_SECONDS
-        wait_until(lambda: ready(instance), "the daemon", startup, services)
-        if deployed.target is not None:
-            target = deployed.target
-            wait_until(lambda: workers_ready(target, WORKERS), "the workers", startup, services)
+        start_deployment(deployed, instance, services)
         sampler = ProcessSampler([process.pid for process in services.processes.values()])
         sleep_until_before_next_tick()
         sampler.start_measuring()
