@@ -32,24 +32,44 @@ PROCESS_TIMEOUT_SECONDS = 120
 
 @dataclass(frozen=True)
 class KillPoint:
-    """The `occurrence`-th write to `database` (a file or database name) whose first line starts with `statement`."""
+    """The `occurrence`-th write to `database` (a file or database name; "" for any) whose first line starts with
+    `statement`, and also names `mentions` (a column, say) and binds `parameter` (an event type, say) when given."""
 
     database: str
     statement: str
     occurrence: int = 1
+    mentions: str | None = None
+    parameter: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.database}: {self.statement} (#{self.occurrence})"
+        named = f" naming {self.mentions!r}" if self.mentions else ""
+        bound = f" binding {self.parameter!r}" if self.parameter else ""
+        return f"{self.database or 'any database'}: {self.statement}{named}{bound} (#{self.occurrence})"
+
+    def matches(self, database: str, line: str, parameters: Any) -> bool:
+        return (
+            self.database in ("", database)
+            and line.startswith(self.statement)
+            and (self.mentions is None or self.mentions in line)
+            and (self.parameter is None or self.parameter in _bound_values(parameters))
+        )
+
+
+def _bound_values(parameters: Any) -> list[Any]:
+    """The values a statement binds, whatever the driver's shape (a tuple, a dict, or a list of them)."""
+    rows = parameters if isinstance(parameters, list) else [parameters]
+    return [value for row in rows for value in (row.values() if isinstance(row, dict) else row or ())]
 
 
 @contextmanager
-def on_each_write(action: Callable[[str, str], None]) -> Iterator[None]:
-    """Inside the block, `action(database name, first line of the statement)` runs just before every SQL write."""
+def on_each_write(action: Callable[[str, str, Any], None]) -> Iterator[None]:
+    """Inside the block, `action(database name, first line of the statement, its parameters)` runs just before
+    every SQL write."""
 
-    def before_execute(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+    def before_execute(conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
         line = statement.strip().splitlines()[0].strip()
         if line.upper().startswith(WRITES):
-            action(Path(conn.engine.url.database or "").name, line)
+            action(Path(conn.engine.url.database or "").name, line, parameters)
 
     event.listen(Engine, "before_cursor_execute", before_execute)
     try:
@@ -62,7 +82,7 @@ def on_each_write(action: Callable[[str, str], None]) -> Iterator[None]:
 def recording_writes() -> Iterator[list[str]]:
     """The first line of every SQL write this process makes inside the block."""
     writes: list[str] = []
-    with on_each_write(lambda _database, line: writes.append(line)):
+    with on_each_write(lambda _database, line, _parameters: writes.append(line)):
         yield writes
 
 
@@ -105,9 +125,9 @@ def _run_child(target: Callable[..., None], *args: object) -> int | None:
 def _open_killed_at(point: KillPoint, open_store: Callable[[], object]) -> None:
     matches = 0
 
-    def die_at_the_point(database: str, line: str) -> None:
+    def die_at_the_point(database: str, line: str, parameters: Any) -> None:
         nonlocal matches
-        if database == point.database and line.startswith(point.statement):
+        if point.matches(database, line, parameters):
             matches += 1
             if matches == point.occurrence:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -118,7 +138,7 @@ def _open_killed_at(point: KillPoint, open_store: Callable[[], object]) -> None:
 
 def _record_writes(open_store: Callable[[], object], log: Path) -> None:
     writes: list[tuple[str, str]] = []
-    with on_each_write(lambda database, line: writes.append((database, line))):
+    with on_each_write(lambda database, line, _parameters: writes.append((database, line))):
         open_store()
     log.write_text(json.dumps(writes))
 

@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
+from typing import Any
 
-from dagster import DagsterInstance, Definitions
+from dagster import DagsterInstance, Definitions, ExecuteInProcessResult
 from dagster._core.definitions.assets.job.asset_job import IMPLICIT_ASSET_JOB_NAME
 from dagster._core.definitions.reconstruct import ReconstructableJob, ReconstructableRepository
 
 from rivya_pipeline.definitions import build_definitions, build_resources
-from rivya_pipeline.headless import failure_text, materialize_brief
+from rivya_pipeline.headless import QUIET_LOGS, failure_text, materialize_brief
 from rivya_pipeline.settings import REPO_ROOT, REQUESTS_PATH_ENV, Settings
 
 # Settings field -> the variable Settings.from_env() reads it from.
@@ -111,7 +112,9 @@ def start_materialize(
 ) -> RunProcess:
     """Start a process that materializes `selection` for one brief; with a barrier, all parties start together."""
     process = FORK_SERVER.Process(
-        target=_materialize, args=(env, selection, brief_id, outcome_file, tags or {}, barrier), daemon=True
+        target=materialize_here,
+        args=(env, selection, brief_id, outcome_file, tags or {}, barrier),
+        daemon=True,
     )
     process.start()
     return RunProcess(process, outcome_file)
@@ -121,7 +124,7 @@ def new_barrier(parties: int) -> Barrier:
     return FORK_SERVER.Barrier(parties)
 
 
-def _materialize(
+def materialize_here(
     env: dict[str, str],
     selection: list[str],
     brief_id: str,
@@ -129,6 +132,7 @@ def _materialize(
     tags: dict[str, str],
     barrier: Barrier | None,
 ) -> None:
+    """The body of a run process: the environment is all it is given, as for a run worker."""
     os.environ.clear()
     os.environ.update(env)
     settings = Settings.from_env()
@@ -138,6 +142,24 @@ def _materialize(
         result = materialize_brief(
             selection, brief_id, instance=instance, resources=build_resources(settings), tags=tags, raise_on_error=False
         )
+    write_outcome(outcome_file, result)
+
+
+def launch_here(
+    env: dict[str, str], job_name: str, run_config: dict[str, Any], tags: dict[str, str], outcome_file: Path
+) -> None:
+    """A run of one of the definitions' jobs (a sensor's store_videos batch, say) as its run worker executes it."""
+    os.environ.clear()
+    os.environ.update(env)
+    job = pipeline_definitions().resolve_job_def(job_name)
+    with DagsterInstance.get() as instance:
+        result = job.execute_in_process(
+            run_config={**QUIET_LOGS, **run_config}, instance=instance, tags=tags, raise_on_error=False
+        )
+    write_outcome(outcome_file, result)
+
+
+def write_outcome(outcome_file: Path, result: ExecuteInProcessResult) -> None:
     failure = None if result.success else failure_text(result)
     outcome_file.write_text(json.dumps({"success": result.success, "run_id": result.run_id, "failure": failure}))
 

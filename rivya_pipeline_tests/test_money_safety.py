@@ -17,14 +17,17 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 from dagster import (
     AssetKey,
+    AssetRecordsFilter,
     DagsterEventType,
     DagsterInstance,
+    DagsterRunStatus,
     Definitions,
     ReexecutionOptions,
     RetryPolicy,
@@ -54,10 +57,13 @@ from rivya_pipeline.settings import Settings
 from rivya_pipeline.storage import VideoStore, make_s3_client
 from rivya_pipeline_tests.fixtures_emulator import TEST_ACCOUNT, TEST_CREDITS
 from rivya_pipeline_tests.fixtures_pipeline import FAST_LIFECYCLE, SUBMIT_SELECTION, Pipeline, stored_videos
-from rivya_pipeline_tests.helpers import KLING_PRICE, materialization
+from rivya_pipeline_tests.helpers import KLING_PRICE, materialization, metadata_values, s3_bytes, s3_keys
+from rivya_pipeline_tests.kill_points import KillPoint, kill_during_open
 from rivya_pipeline_tests.pipeline_process import (
     RunProcess,
     implicit_asset_job,
+    launch_here,
+    materialize_here,
     new_barrier,
     settings_env,
     start_materialize,
@@ -258,6 +264,58 @@ def test_kill_during_the_transfer_leaves_no_object_and_the_next_run_stores_it(
     assert store.open_multipart_uploads() == []  # the killed run's upload was aborted before storing again
     assert pipeline.ledger.find_by_task(task_id).stored_sha256 == sidecar["sha256"]
     assert emulator.stats()["media_requests"] == 2
+
+
+STORE_RECORD_KILLS = {
+    # The video is in S3; the run dies as it writes the partition's materialization, before the ledger's mark.
+    "before-the-materialization": KillPoint("", "INSERT INTO event_logs", parameter="ASSET_MATERIALIZATION"),
+    # The materialization is written; the run dies as the ledger marks the video stored.
+    "before-the-ledgers-mark": KillPoint("", "UPDATE rivya_tasks SET", mentions="stored_uri"),
+}
+
+
+@pytest.mark.parametrize("point", STORE_RECORD_KILLS.values(), ids=STORE_RECORD_KILLS.keys())
+@pytest.mark.parametrize("store_run", ["store_videos", "stored_video"])
+def test_a_store_killed_between_its_upload_and_its_records_is_stored_and_recorded_by_a_later_run(
+    pipeline: Pipeline, emulator: RivyaEmulator, s3_bucket, tmp_path: Path, point: KillPoint, store_run: str
+) -> None:
+    """Failure mode: the video is uploaded but its run (the sensor's batch, or a run of its partition) dies before
+    the partition and the ledger both say so. The ledger's mark comes last, so the video stays in the store queue
+    and the sensor has it stored and recorded again."""
+    pipeline.submit(TEXT_BRIEF)
+    (batch,) = pipeline.store_requests(pipeline.tick_until(pipeline.store_requests)).values()
+    task_id = pipeline.ledger.latest_for_brief(TEXT_BRIEF).task_id
+    env, outcome = run_env(pipeline.settings, pipeline.instance), tmp_path / "outcome.json"
+    if store_run == "store_videos":
+        run = partial(launch_here, env, str(batch.job_name), batch.run_config, dict(batch.tags), outcome)
+    else:
+        run = partial(materialize_here, env, ["stored_video"], TEXT_BRIEF, outcome, {TASK_TAG: task_id}, None)
+    kill_during_open(point, run)
+
+    store = VideoStore(make_s3_client(pipeline.settings.s3_endpoint_url), s3_bucket[1], pipeline.settings.s3_prefix)
+    video_key = store.video_key(TEXT_BRIEF, task_id)
+    assert s3_keys(s3_bucket, video_key) == [video_key]
+    assert pipeline.ledger.find_by_task(task_id).stored_at is None
+    (killed,) = pipeline.instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED]))
+    pipeline.instance.report_run_failed(killed)  # what run monitoring does once the run's process is gone
+    (retry,) = pipeline.store_requests(pipeline.tick_until(pipeline.store_requests)).values()
+    stored = stored_videos(pipeline.launch(retry))[TEXT_BRIEF]
+
+    record = pipeline.ledger.find_by_task(task_id)
+    latest = latest_stored_video(pipeline.instance, TEXT_BRIEF)
+    assert (latest["task_id"], latest["sha256"]) == (task_id, stored["sha256"])
+    assert (record.stored_uri, record.stored_sha256) == (stored["s3_uri"], stored["sha256"])
+    assert hashlib.sha256(s3_bytes(s3_bucket, video_key)).hexdigest() == stored["sha256"]
+    assert charges(emulator) == [(task_id, KLING_PRICE)]
+    assert pipeline.tick().run_requests == []  # stored and recorded: nothing is asked for again
+
+
+def latest_stored_video(instance: DagsterInstance, brief_id: str) -> dict[str, Any]:
+    """The metadata of the partition's latest stored_video materialization."""
+    (record,) = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=AssetKey("stored_video"), asset_partitions=[brief_id]), limit=1
+    ).records
+    return metadata_values(record.asset_materialization)
 
 
 # -- Dagster retries and re-executions -----------------------------------------------------------------------

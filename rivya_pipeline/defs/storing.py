@@ -55,7 +55,8 @@ def store_video(
 
     An observation of the task's end comes first when this store saw it before the sensor did: yielded, not
     logged, so it is kept even if the store then fails. Every failure of a succeeded task's store is recorded
-    (`failure_recorded`): storing is free, so nothing here gives up early."""
+    (`failure_recorded`): storing is free, so nothing here gives up early. The caller must record the
+    `StoredVideo` before it asks for the next event: the ledger marks the video stored only then."""
     try:
         try:
             task = wait_for_terminal(
@@ -80,7 +81,6 @@ def store_video(
                 lineage=events.sidecar_lineage(handle, run_id),
                 qc_thresholds=video_qc.thresholds(),
             )
-        tasks.mark_stored(task.id, uri=delivery.video.uri, sha256=delivery.video.sha256)
         yield StoredVideo(
             metadata={**events.stored_video_metadata(delivery, task, handle), **picture_metadata(delivery)},
             checks=[
@@ -88,6 +88,9 @@ def store_video(
                 *qc_check_results(delivery, handle, video_qc.thresholds()),
             ],
         )
+        # Only once the partition's materialization is written (Dagster writes an event as it is yielded): the
+        # ledger's mark takes the video out of the store queue, so a kill between the two must leave it queued.
+        tasks.mark_stored(task.id, uri=delivery.video.uri, sha256=delivery.video.sha256)
     except Exception as exc:
         observation, failure = failure_recorded(exc, handle, tasks, video_storage)
         if observation is None or failure is None:
