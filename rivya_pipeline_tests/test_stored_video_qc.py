@@ -13,6 +13,7 @@ from dagster._serdes import serialize_value
 from PIL import Image
 
 from rivya_pipeline.definitions import ASSETS, build_resources
+from rivya_pipeline.defs.assets import stored_video
 from rivya_pipeline.emulator import FaultRule
 from rivya_pipeline.emulator.config import VideoFault, video_fault_marker
 from rivya_pipeline.headless import failure_text
@@ -20,6 +21,7 @@ from rivya_pipeline.qc.checks import AUDIO_MATCHES, NOT_BLACK, NOT_FROZEN
 from rivya_pipeline.qc.pictures import INLINE_MAX_BYTES
 from rivya_pipeline.qc.thresholds import QcThresholds
 from rivya_pipeline.settings import Settings, SettingsError
+from rivya_pipeline_tests.fixtures_pipeline import stored_videos
 from rivya_pipeline_tests.helpers import materialization, s3_bytes, s3_keys
 
 SEVERITY = {
@@ -177,6 +179,32 @@ def test_the_partition_page_gets_inline_pictures_and_the_full_size_uris_in_a_sma
         and entry.dagster_event.asset_key == AssetKey("stored_video")
     ]
     assert len(serialize_value(event)) <= MATERIALIZATION_EVENT_MAX_BYTES
+
+
+INLINE_PICTURE = "data:image/jpeg;base64,"
+STORE_PATH_BRIEFS = ["product-spin", "sunrise-timelapse", "city-morph"]
+
+
+@pytest.mark.parametrize("store_path", ["store_videos batch", "stored_video run"])
+def test_each_picture_is_written_to_the_event_log_once_on_every_store_path(pipeline, store_path: str):
+    """The sensor's batches and a run of the asset (the UI, a lone retry) write the two inline pictures of each
+    video into its materialization only: an asset's MaterializeResult metadata would be copied into the step's
+    output event too, doubling the biggest part of what the event log keeps per video."""
+    for brief_id in STORE_PATH_BRIEFS:
+        pipeline.submit(brief_id)
+    requests = pipeline.store_requests(
+        pipeline.tick_until(lambda ticks: len(pipeline.store_requests(ticks)) == len(STORE_PATH_BRIEFS))
+    )
+    if store_path == "store_videos batch":
+        (batch,) = {id(request): request for request in requests.values()}.values()
+        result, stored = pipeline.launch(batch), STORE_PATH_BRIEFS
+    else:
+        result, stored = pipeline.materialize([stored_video], STORE_PATH_BRIEFS[0]), STORE_PATH_BRIEFS[:1]
+
+    events = [serialize_value(entry) for entry in pipeline.instance.all_logs(result.run_id)]
+    assert sum(event.count(INLINE_PICTURE) for event in events) == 2 * len(stored)  # a poster and a sheet each
+    assert sorted(stored_videos(result)) == sorted(stored)
+    assert all(INLINE_PICTURE in metadata["poster"] for metadata in stored_videos(result).values())
 
 
 def test_each_threshold_is_read_from_its_variable_and_a_value_that_cannot_work_names_it():
