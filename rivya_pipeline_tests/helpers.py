@@ -7,7 +7,14 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from dagster import ExecuteInProcessResult, JobExecutionResult
+from dagster import (
+    AssetKey,
+    AssetRecordsFilter,
+    DagsterInstance,
+    EventLogRecord,
+    ExecuteInProcessResult,
+    JobExecutionResult,
+)
 
 from rivya_pipeline.emulator import RivyaEmulator
 from rivya_pipeline.ledger import CreditLimits, Ledger
@@ -25,6 +32,14 @@ def materialization(result: ExecuteInProcessResult | JobExecutionResult, asset: 
     """The metadata of the one materialization of `asset` in a run."""
     (event,) = result.asset_materializations_for_node(asset)
     return metadata_values(event)
+
+
+def latest_stored_video(instance: DagsterInstance, brief_id: str) -> EventLogRecord:
+    """The record of the brief's partition's latest stored_video materialization."""
+    (record,) = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=AssetKey("stored_video"), asset_partitions=[brief_id]), limit=1
+    ).records
+    return record
 
 
 def track_due_task(ledger: Ledger, task_id: str, key: str) -> None:

@@ -142,7 +142,7 @@ def materialize_here(
         result = materialize_brief(
             selection, brief_id, instance=instance, resources=build_resources(settings), tags=tags, raise_on_error=False
         )
-    write_outcome(outcome_file, result)
+    _write_outcome(outcome_file, result)
 
 
 def launch_here(
@@ -156,10 +156,10 @@ def launch_here(
         result = job.execute_in_process(
             run_config={**QUIET_LOGS, **run_config}, instance=instance, tags=tags, raise_on_error=False
         )
-    write_outcome(outcome_file, result)
+    _write_outcome(outcome_file, result)
 
 
-def write_outcome(outcome_file: Path, result: ExecuteInProcessResult) -> None:
+def _write_outcome(outcome_file: Path, result: ExecuteInProcessResult) -> None:
     failure = None if result.success else failure_text(result)
     outcome_file.write_text(json.dumps({"success": result.success, "run_id": result.run_id, "failure": failure}))
 

@@ -24,7 +24,6 @@ from typing import Any
 import pytest
 from dagster import (
     AssetKey,
-    AssetRecordsFilter,
     DagsterEventType,
     DagsterInstance,
     DagsterRunStatus,
@@ -57,7 +56,14 @@ from rivya_pipeline.settings import Settings
 from rivya_pipeline.storage import VideoStore, make_s3_client
 from rivya_pipeline_tests.fixtures_emulator import TEST_ACCOUNT, TEST_CREDITS
 from rivya_pipeline_tests.fixtures_pipeline import FAST_LIFECYCLE, SUBMIT_SELECTION, Pipeline, stored_videos
-from rivya_pipeline_tests.helpers import KLING_PRICE, materialization, metadata_values, s3_bytes, s3_keys
+from rivya_pipeline_tests.helpers import (
+    KLING_PRICE,
+    latest_stored_video,
+    materialization,
+    metadata_values,
+    s3_bytes,
+    s3_keys,
+)
 from rivya_pipeline_tests.kill_points import KillPoint, kill_during_open
 from rivya_pipeline_tests.pipeline_process import (
     RunProcess,
@@ -302,20 +308,12 @@ def test_a_store_killed_between_its_upload_and_its_records_is_stored_and_recorde
     stored = stored_videos(pipeline.launch(retry))[TEXT_BRIEF]
 
     record = pipeline.ledger.find_by_task(task_id)
-    latest = latest_stored_video(pipeline.instance, TEXT_BRIEF)
+    latest = metadata_values(latest_stored_video(pipeline.instance, TEXT_BRIEF).asset_materialization)
     assert (latest["task_id"], latest["sha256"]) == (task_id, stored["sha256"])
     assert (record.stored_uri, record.stored_sha256) == (stored["s3_uri"], stored["sha256"])
     assert hashlib.sha256(s3_bytes(s3_bucket, video_key)).hexdigest() == stored["sha256"]
     assert charges(emulator) == [(task_id, KLING_PRICE)]
     assert pipeline.tick().run_requests == []  # stored and recorded: nothing is asked for again
-
-
-def latest_stored_video(instance: DagsterInstance, brief_id: str) -> dict[str, Any]:
-    """The metadata of the partition's latest stored_video materialization."""
-    (record,) = instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=AssetKey("stored_video"), asset_partitions=[brief_id]), limit=1
-    ).records
-    return metadata_values(record.asset_materialization)
 
 
 # -- Dagster retries and re-executions -----------------------------------------------------------------------

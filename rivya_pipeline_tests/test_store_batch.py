@@ -6,7 +6,7 @@ the S3 server over HTTP.
 
 from __future__ import annotations
 
-from dagster import AssetCheckKey, AssetRecordsFilter, DagsterRunStatus, RunsFilter
+from dagster import AssetCheckKey, DagsterRunStatus, RunsFilter
 from dagster._core.event_api import PartitionKeyFilter
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 from dagster._core.test_utils import create_run_for_test
@@ -21,7 +21,7 @@ from rivya_pipeline.emulator import FaultRule
 from rivya_pipeline.headless import HeadlessRun, failure_text
 from rivya_pipeline.settings import utc_now
 from rivya_pipeline_tests.fixtures_pipeline import SAMPLE_BRIEFS, stored_videos
-from rivya_pipeline_tests.helpers import KLING_PRICE, materialization, metadata_values, s3_keys
+from rivya_pipeline_tests.helpers import KLING_PRICE, latest_stored_video, materialization, metadata_values, s3_keys
 
 CHECK_KEYS = [AssetCheckKey(stored_video.key, spec.name) for spec in STORED_VIDEO_CHECKS]
 
@@ -36,13 +36,6 @@ def batch_for_all(pipeline):
     ticks = pipeline.tick_until(lambda ticks: pipeline.store_requests(ticks[-1:]).keys() == set(SAMPLE_BRIEFS))
     (request,) = ticks[-1].run_requests
     return request
-
-
-def latest_stored(pipeline, brief_id: str):
-    (record,) = pipeline.instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=stored_video.key, asset_partitions=[brief_id]), limit=1
-    ).records
-    return record
 
 
 def test_one_run_stores_many_videos_each_with_its_own_materialization_and_checks(pipeline, s3_bucket):
@@ -61,7 +54,7 @@ def test_one_run_stores_many_videos_each_with_its_own_materialization_and_checks
         assert video["prompt"] == prompts[brief_id]
         assert pipeline.ledger.find_by_task(tasks[brief_id]).stored_uri == video["s3_uri"]
         # Every check of the partition evaluated on that partition's own materialization: the UI shows them current.
-        materialized = latest_stored(pipeline, brief_id)
+        materialized = latest_stored_video(pipeline.instance, brief_id)
         assert materialized.run_id == result.run_id
         recorded = pipeline.instance.event_log_storage.get_latest_asset_check_execution_by_key(
             CHECK_KEYS, partition_filter=PartitionKeyFilter(key=brief_id)
@@ -114,12 +107,12 @@ def test_a_batch_leaves_a_video_stored_meanwhile_as_it_is(pipeline, s3_bucket):
     tasks = submit_all(pipeline)
     request = batch_for_all(pipeline)
     manual = pipeline.materialize([stored_video], "city-morph")  # say, from the UI, before the batch ran
-    before = latest_stored(pipeline, "city-morph").storage_id
+    before = latest_stored_video(pipeline.instance, "city-morph").storage_id
 
     result = pipeline.launch(request)
 
     assert stored_videos(result).keys() == set(SAMPLE_BRIEFS) - {"city-morph"}
-    assert latest_stored(pipeline, "city-morph").storage_id == before
+    assert latest_stored_video(pipeline.instance, "city-morph").storage_id == before
     assert materialization(manual, "stored_video")["task_id"] == tasks["city-morph"]
     prefix = pipeline.settings.s3_prefix
     assert len([k for k in s3_keys(s3_bucket, f"{prefix}/city-morph/") if k.endswith(".mp4")]) == 1
