@@ -24,8 +24,10 @@ from typing import Any
 import pytest
 from dagster import (
     AssetKey,
+    AssetsDefinition,
     DagsterEventType,
     DagsterInstance,
+    DagsterRun,
     DagsterRunStatus,
     Definitions,
     ReexecutionOptions,
@@ -43,11 +45,12 @@ from rivya_pipeline.defs.assets import (
     briefs_partitions,
     generation_task,
     reference_uploads,
+    stored_video,
     video_brief,
 )
 from rivya_pipeline.defs.inputs import TASK_TAG
 from rivya_pipeline.defs.resources import default_ledger_url
-from rivya_pipeline.defs.sensors import RESEND_AFTER
+from rivya_pipeline.defs.sensors import PARTITION_TAG, RESEND_AFTER
 from rivya_pipeline.emulator import FAIL_MARKER, FaultRule, RivyaEmulator
 from rivya_pipeline.headless import QUIET_LOGS, HeadlessRun, failure_text
 from rivya_pipeline.ledger import RESEND_WINDOW
@@ -377,12 +380,13 @@ def unanswered_create(pipeline: Pipeline, emulator: RivyaEmulator, brief_id: str
     return record
 
 
-def test_sensor_resends_a_create_left_unanswered_and_it_is_paid_once(pipeline, emulator, monkeypatch) -> None:
+def test_sensor_resends_a_create_left_unanswered_as_soon_as_its_run_has_ended_and_it_is_paid_once(
+    pipeline, emulator
+) -> None:
+    """No wait: the run that sent the create has ended, so nothing can still be in flight (an outage that failed the
+    run is often over by the next tick)."""
     record = unanswered_create(pipeline, emulator, REFERENCE_BRIEF)
 
-    set_sensor_clock(monkeypatch, record.submitted_at + RESEND_AFTER - timedelta(seconds=1))
-    assert pipeline.tick().run_requests == []  # the create could still be in flight
-    set_sensor_clock(monkeypatch, record.submitted_at + RESEND_AFTER + timedelta(seconds=1))
     (request,) = pipeline.tick().run_requests
     assert (request.run_key, request.partition_key) == (f"{record.idempotency_key}:resend:0", REFERENCE_BRIEF)
     assert request.job_name == "resend_generation_task"
@@ -397,9 +401,40 @@ def test_sensor_resends_a_create_left_unanswered_and_it_is_paid_once(pipeline, e
     assert [r.run_key for r in pipeline.tick().run_requests if ":resend:" in r.run_key] == []
 
 
+def test_a_create_whose_sender_may_still_be_going_is_not_resent(pipeline, emulator, monkeypatch) -> None:
+    """A run of the partition that runs generation_task is unfinished (here: canceling), or no run is known to have
+    sent the create (its runs deleted): then nothing is re-sent until RESEND_AFTER from sending."""
+    record = unanswered_create(pipeline, emulator, REFERENCE_BRIEF)
+    (sender,) = pipeline.instance.get_runs(RunsFilter(tags={PARTITION_TAG: REFERENCE_BRIEF}))
+
+    def canceling_run(job_name: str, asset: AssetsDefinition) -> DagsterRun:
+        run = pipeline.instance.create_run_for_job(
+            pipeline.definitions.resolve_job_def(job_name),
+            tags={PARTITION_TAG: REFERENCE_BRIEF},
+            asset_selection={asset.key},
+        )
+        pipeline.instance.report_run_canceling(run)
+        assert pipeline.instance.get_run_by_id(run.run_id).status == DagsterRunStatus.CANCELING
+        return run
+
+    canceling_run("store_video", stored_video)
+    assert [r.job_name for r in pipeline.tick().run_requests] == ["resend_generation_task"]  # not its asset
+
+    going = canceling_run("resend_generation_task", generation_task)
+    set_sensor_clock(monkeypatch, record.submitted_at + RESEND_AFTER + timedelta(seconds=1))
+    assert pipeline.tick().run_requests == []
+    pipeline.instance.delete_run(going.run_id)
+
+    pipeline.instance.delete_run(sender.run_id)
+    set_sensor_clock(monkeypatch, record.submitted_at + RESEND_AFTER - timedelta(seconds=1))
+    assert pipeline.tick().run_requests == []
+    set_sensor_clock(monkeypatch, record.submitted_at + RESEND_AFTER + timedelta(seconds=1))
+    assert [r.job_name for r in pipeline.tick().run_requests] == ["resend_generation_task"]
+    assert emulator.stats()["creates_performed"] == 1
+
+
 def test_resends_are_spaced_after_a_failed_one_and_bounded(pipeline, emulator, monkeypatch) -> None:
     record = unanswered_create(pipeline, emulator, REFERENCE_BRIEF)
-    set_sensor_clock(monkeypatch, record.submitted_at + RESEND_AFTER + timedelta(seconds=1))
     (first,) = pipeline.tick().run_requests
     emulator.set_faults([FaultRule(endpoint="create_generation", kind="rate_limited", retry_after=0)])  # Rivya down
     assert not pipeline.launch(first, raise_on_error=False).success

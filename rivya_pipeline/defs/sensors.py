@@ -10,8 +10,8 @@ dies before its result is saved loses nothing and launches nothing twice. A vide
 run failed, or died) is then retried alone in `store_video` runs of its partition, each under a new key.
 
 A create that never got its answer (the run died, or gave up on a transient error) would otherwise wait
-for a person: the sensor requests a generation_task run that re-sends it under the same Idempotency-Key
-(Rivya answers with the task it may already have charged), spaced and bounded like the store runs.
+for a person: once the run that sent it has ended, the sensor requests a generation_task run that re-sends it
+under the same Idempotency-Key (Rivya answers with the task it may already have charged), spaced and bounded.
 """
 
 import hashlib
@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from dagster import (
     AssetsDefinition,
     DagsterInstance,
+    DagsterRun,
     DagsterRunStatus,
     DefaultSensorStatus,
     RunRecord,
@@ -48,8 +49,9 @@ MAX_STORE_REQUESTS_PER_TICK = 200
 BATCH_LOOKBACK = timedelta(days=2)
 PARTITION_TAG = "dagster/partition"  # the tag Dagster puts on every run of one partition
 MAX_RETRIES_TAG = "dagster/max_retries"  # on a run: overrides the instance's run_retries.max_retries
-# Longer than any create can take (the client gives up within ~3 min), so a create still in flight is never
-# re-sent; also the pause after a failed re-send run. Six of them cover an outage of about an hour.
+# The pause after a failed re-send run (six of them cover an outage of about an hour), and how long a create waits
+# when no run of its partition is known to have sent it: longer than any create can take (the client gives up
+# within ~3 min), so a create still in flight is not re-sent.
 RESEND_AFTER = timedelta(minutes=10)
 MAX_RESEND_ATTEMPTS = 6
 MAX_RESEND_REQUESTS_PER_TICK = 50
@@ -59,6 +61,7 @@ UNFINISHED = [
     DagsterRunStatus.NOT_STARTED,
     DagsterRunStatus.STARTING,
     DagsterRunStatus.STARTED,
+    DagsterRunStatus.CANCELING,  # its step may still be sending
 ]
 
 
@@ -88,10 +91,15 @@ def failed_store_runs(instance: DagsterInstance, task_id: str) -> tuple[int, flo
     return len(records), max(map(run_ended_at, records), default=None)
 
 
+def runs_asset(run: DagsterRun, asset: AssetsDefinition) -> bool:
+    """Whether the run may materialize `asset` (a run without an asset selection, as `materialize` makes, may)."""
+    return not run.asset_selection or asset.key in run.asset_selection
+
+
 def run_in_progress(instance: DagsterInstance, brief_id: str, asset: AssetsDefinition) -> bool:
     """A run of this partition that includes `asset` is under way (say, a launch from the UI)."""
     runs = instance.get_runs(RunsFilter(tags={PARTITION_TAG: brief_id}, statuses=UNFINISHED))
-    return any(run.asset_selection is None or asset.key in run.asset_selection for run in runs)
+    return any(runs_asset(run, asset) for run in runs)
 
 
 def store_run_request(record: TaskRecord, failed_attempts: int) -> RunRequest:
@@ -158,18 +166,36 @@ def store_requests(
     return requests
 
 
+def sender_has_ended(instance: DagsterInstance, record: TaskRecord, now: datetime) -> bool:
+    """No create of this row can still be in flight: every run of its partition that runs generation_task has
+    ended, and one of them was going when the row was written (the run that sent it). Without such a run (its
+    runs deleted, or sent from elsewhere), RESEND_AFTER from sending stands in for it."""
+    sent = record.submitted_at.timestamp()
+    sender_ended = False
+    for run_record in instance.get_run_records(RunsFilter(tags={PARTITION_TAG: record.brief_id})):
+        run = run_record.dagster_run
+        if not runs_asset(run, generation_task):
+            continue
+        if run.status in UNFINISHED:
+            return False
+        started = run_record.start_time or run_record.create_timestamp.timestamp()
+        sender_ended = sender_ended or (started <= sent <= run_ended_at(run_record))
+    return sender_ended or now - record.submitted_at >= RESEND_AFTER
+
+
 def resend_requests(instance: DagsterInstance, tasks: TaskTracker, now: datetime) -> list[RunRequest]:
-    """generation_task runs for creates left unanswered, once no create can still be in flight, then every
-    RESEND_AFTER after a failed attempt, at most MAX_RESEND_ATTEMPTS times; within Rivya's idempotency window."""
+    """generation_task runs for creates left unanswered, as soon as the run that sent one has ended (an outage
+    that failed it is often over by the next tick), then every RESEND_AFTER after a failed attempt, at most
+    MAX_RESEND_ATTEMPTS times; within Rivya's idempotency window."""
     requests = []
     unanswered = tasks.unanswered_submits(
-        sent_after=now - RESEND_WINDOW, sent_before=now - RESEND_AFTER, limit=MAX_RESEND_REQUESTS_PER_TICK
+        sent_after=now - RESEND_WINDOW, sent_before=now, limit=MAX_RESEND_REQUESTS_PER_TICK
     )
     for record in unanswered:
         latest = tasks.latest_for_brief(record.brief_id)
         if latest is None or latest.idempotency_key != record.idempotency_key:
             continue  # an edited brief was submitted since: the partition's runs are about that one now
-        if run_in_progress(instance, record.brief_id, generation_task):
+        if not sender_has_ended(instance, record, now):
             continue
         failed = instance.get_run_records(RunsFilter(tags={RESEND_TAG: record.idempotency_key}, statuses=FAILED))
         if len(failed) >= MAX_RESEND_ATTEMPTS:
