@@ -273,6 +273,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _two_sizes(text: str) -> tuple[int, int]:
+    parts = text.split(",")
+    if len(parts) != 2 or not all(part.strip().isdigit() for part in parts) or not 1 <= int(parts[0]) < int(parts[1]):
+        raise argparse.ArgumentTypeError(f"must be two whole numbers, smaller first, as 1000,10000 (got {text!r})")
+    return int(parts[0]), int(parts[1])
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.runner import run_benchmarks
 
@@ -284,6 +291,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         transfer_mb=args.transfer_mb,
         scale_briefs=args.briefs,
         scale_profile=args.profile,
+        growth_sizes=args.sizes,
     )
 
 
@@ -378,6 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--profile", choices=SCALE_PROFILES, help="scale: this profile only (default: every one that can run)"
+    )
+    bench.add_argument(
+        "--sizes",
+        type=_two_sizes,
+        help="growth: the two sizes of history, in briefs, smaller first (default 1000,10000; quick 200,2000)",
     )
     bench.set_defaults(func=cmd_bench)
 

@@ -22,9 +22,11 @@ def run_benchmarks(
     transfer_mb: int | None = None,
     scale_briefs: int | None = None,
     scale_profile: str | None = None,
+    growth_sizes: tuple[int, int] | None = None,
 ) -> int:
     """Run `names` (from BENCHMARKS) in order on one stack; `transfer_mb` overrides the transfer's video size (MiB),
-    `scale_briefs` the briefs of `scale` and `chaos`, `scale_profile` the one profile of `scale`."""
+    `scale_briefs` the briefs of `scale` and `chaos`, `scale_profile` the one profile of `scale`, `growth_sizes` the
+    two sizes of history of `growth`."""
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
         raise ValueError(f"unknown benchmarks {unknown}; known: {', '.join(BENCHMARKS)}")
@@ -39,6 +41,7 @@ def run_benchmarks(
                 "transfer": {"mebibytes": transfer_mb},
                 "scale": {"briefs": scale_briefs, "profile": scale_profile},
                 "chaos": {"briefs": scale_briefs},
+                "growth": {"sizes": growth_sizes},
             }.get(name, {})
             benchmark = importlib.import_module(f"{__package__}.{name}")
             results[name] = benchmark.run(stack, quick, **options)
