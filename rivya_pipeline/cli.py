@@ -13,9 +13,9 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 DEMO_DIR = REPO_ROOT / ".demo"
+DEFAULT_REPORT_PERIOD = "30d"
 DEV_SHUTDOWN_GRACE_SECONDS = 5.0
 
 
@@ -204,13 +205,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     home = _dagster_home()
     ledger = Ledger(settings.ledger_url or Ledger.default_url(home))
     now = utc_now()  # one clock for both, so a create is an unknown outcome in both or in neither
-    rows = ledger.spend_report(now)
-    unknown = ledger.unknown_outcomes(now)
-    not_stored = _videos_given_up(ledger)
+    since = args.since(now)
+    rows = ledger.spend_report(now, since)
+    unknown = ledger.unknown_outcomes(now, since)
+    not_stored = _videos_given_up(ledger, since)
     with open_instance(home) as instance:
-        failures = qc_failures(instance)
+        failures = qc_failures(instance, None if since is None else sorted({row["brief_id"] for row in rows}))
     if args.json:
         report = {
+            "since": since.isoformat() if since else None,
             "spend": rows,
             "qc_failures": [asdict(f) for f in failures],
             "unknown_outcomes": unknown,
@@ -218,6 +221,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         }
         print(json.dumps(report, indent=2, default=str))
     else:
+        print(f"Since {since:%Y-%m-%d %H:%M} UTC (--since all: everything)" if since else "Since the first create")
         _print_table(rows, ["day", "brief_id", "tasks", "reserved", "final", "refunded"])
         _print_unknown_outcomes(unknown)
         _print_not_stored(not_stored)
@@ -225,7 +229,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _videos_given_up(ledger: Ledger) -> list[dict[str, Any]]:
+def _videos_given_up(ledger: Ledger, since: datetime | None = None) -> list[dict[str, Any]]:
     """Paid videos the store queue gave up on (window ran out, or the result refused), with what to do."""
     from .defs.storing import store_outlook
 
@@ -238,7 +242,7 @@ def _videos_given_up(ledger: Ledger) -> list[dict[str, Any]]:
             "last_error": r.store_error,
             "what_to_do": store_outlook(r),
         }
-        for r in ledger.gave_up_storing()
+        for r in ledger.gave_up_storing(since=since)
     ]
 
 
@@ -264,6 +268,23 @@ def _print_unknown_outcomes(unknown: list[dict[str, Any]]) -> None:
         "for a new video)."
     )
     _print_table(unknown, ["submitted_at", "brief_id", "price_credits", "idempotency_key"])
+
+
+def _since(text: str) -> Callable[[datetime], datetime | None]:
+    """`--since`: when the report's period starts, given the report's clock (None: the whole history)."""
+    text = text.strip().lower()
+    if text == "all":
+        return lambda now: None
+    if text.endswith("d") and text[:-1].isdigit():
+        days = int(text[:-1])
+        return lambda now: now - timedelta(days=days)
+    try:
+        start = datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of days (30d), a UTC date (2026-01-31) or all (got {text!r})"
+        ) from None
+    return lambda now: start
 
 
 def _positive_int(text: str) -> int:
@@ -359,6 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="credits spent per day and brief, and the stored videos that failed QC")
     report.add_argument("--json", action="store_true")
+    report.add_argument(
+        "--since",
+        type=_since,
+        default=_since(DEFAULT_REPORT_PERIOD),
+        help="the period: a number of days (30d), a UTC date (2026-01-31), or all (default: 30d). Spend, unknown "
+        "outcomes and videos not stored of creates sent in it; QC failures of its briefs",
+    )
     report.set_defaults(func=cmd_report)
 
     workers = sub.add_parser(

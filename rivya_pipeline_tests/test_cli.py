@@ -285,14 +285,16 @@ def test_report_of_an_instance_that_spent_nothing_is_the_header_alone(cli, emula
     done = cli("report")
 
     assert done.returncode == EXIT_OK, done.stderr
-    assert done.stdout.split() == ["day", "brief_id", "tasks", "reserved", "final", "refunded"]
+    period, header = done.stdout.splitlines()
+    assert re.fullmatch(r"Since \d{4}-\d\d-\d\d \d\d:\d\d UTC \(--since all: everything\)", period)
+    assert header.split() == ["day", "brief_id", "tasks", "reserved", "final", "refunded"]
 
 
-def test_report_lists_a_create_unanswered_past_the_idempotency_window_as_unknown_outcome(tmp_path, cli, emulator):
-    """Such a create was invisible: Rivya never answered, so its reserved credits are 0, and it may have been paid."""
-    ledger = Ledger(Ledger.default_url(tmp_path / "dagster_home"))  # the instance's ledger, as `report` opens it
+def unanswered_creates(home: Path, sent: dict[str, datetime]) -> None:
+    """Creates under these keys, sent at these times, never answered, in the ledger `report` opens."""
+    ledger = Ledger(Ledger.default_url(home))
     try:
-        for key, sent in [("lost", utc_now() - timedelta(hours=25)), ("in-flight", utc_now() - timedelta(hours=1))]:
+        for key, moment in sent.items():
             ledger.begin_submit(
                 idempotency_key=key,
                 brief_id=f"brief-{key}",
@@ -302,10 +304,18 @@ def test_report_lists_a_create_unanswered_past_the_idempotency_window_as_unknown
                 body={"model": "kling-3-0", "prompt": f"a create whose answer never came ({key})"},
                 limits=CreditLimits(),
                 wallet_credits=None,
-                now=sent,
+                now=moment,
             )
     finally:
         ledger.close()
+
+
+def test_report_lists_a_create_unanswered_past_the_idempotency_window_as_unknown_outcome(tmp_path, cli, emulator):
+    """Such a create was invisible: Rivya never answered, so its reserved credits are 0, and it may have been paid."""
+    unanswered_creates(
+        tmp_path / "dagster_home",
+        {"lost": utc_now() - timedelta(hours=25), "in-flight": utc_now() - timedelta(hours=1)},
+    )
 
     text, as_json = cli("report"), cli("report", "--json")
 
@@ -316,7 +326,7 @@ def test_report_lists_a_create_unanswered_past_the_idempotency_window_as_unknown
     assert re.search(rf"^\S+\s+brief-lost\s+{KLING_PRICE}\s+lost\s*$", text.stdout, re.MULTILINE), text.stdout
     assert "brief-in-flight" not in text.stdout.split("never got an answer")[1]
     report = json.loads(as_json.stdout)
-    assert set(report) == {"spend", "qc_failures", "unknown_outcomes", "not_stored"}  # the keys of before, and more
+    assert set(report) == {"since", "spend", "qc_failures", "unknown_outcomes", "not_stored"}
     (unknown,) = report["unknown_outcomes"]
     assert (unknown["brief_id"], unknown["idempotency_key"], unknown["price_credits"]) == ("brief-lost", "lost", 90)
     assert "will not re-send" in unknown["hint"]
@@ -328,6 +338,42 @@ def test_report_lists_a_create_unanswered_past_the_idempotency_window_as_unknown
         "brief-in-flight": (1, 0, 0, 0),
     }
     assert emulator.stats()["requests"] == {}  # the report asks Rivya nothing, and re-sends nothing
+
+
+def test_report_covers_the_last_30_days_unless_told_a_period(tmp_path, cli, emulator):
+    now = utc_now()
+    unanswered_creates(
+        tmp_path / "dagster_home",
+        {"last-year": now - timedelta(days=300), "last-week": now - timedelta(days=7), "today": now},
+    )
+
+    def reported(*since: str) -> tuple[set[str], set[str]]:
+        done = cli("report", "--json", *since)
+        assert done.returncode == EXIT_OK, done.stderr
+        report = json.loads(done.stdout)
+        return {r["brief_id"] for r in report["spend"]}, {r["brief_id"] for r in report["unknown_outcomes"]}
+
+    assert reported() == ({"brief-last-week", "brief-today"}, {"brief-last-week"})
+    assert reported("--since", "8d") == reported()
+    assert reported("--since", "6d") == ({"brief-today"}, set())
+    assert reported("--since", "all") == (
+        {"brief-last-year", "brief-last-week", "brief-today"},
+        {"brief-last-year", "brief-last-week"},
+    )
+    assert reported("--since", f"{now - timedelta(days=301):%Y-%m-%d}") == reported("--since", "all")
+
+
+def test_report_refuses_a_period_it_cannot_read_in_one_line(cli, emulator):
+    done = cli("report", "--since", "last tuesday")
+
+    assert done.returncode == 2
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "argument --since: must be a number of days (30d), a UTC date (2026-01-31) or all (got 'last tuesday')"
+        )
+    )
 
 
 def test_the_emulator_command_passes_every_option_on_to_the_emulator():

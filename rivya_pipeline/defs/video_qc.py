@@ -12,7 +12,6 @@ bucket and never expire; a presigned link would expire within 7 days and stay in
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,10 +22,10 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
     AssetKey,
-    DagsterEventType,
     DagsterInstance,
     MetadataValue,
 )
+from dagster._core.event_api import PartitionKeyFilter  # the partition filter of check-history reads
 
 from ..delivery import Delivery
 from ..qc.checks import AUDIO_MATCHES, NOT_BLACK, NOT_FROZEN, qc_verdicts
@@ -111,30 +110,30 @@ class QcFailure:
 
 def qc_failures(instance: DagsterInstance, brief_ids: Sequence[str] | None = None) -> list[QcFailure]:
     """The failed checks of each brief's latest stored video (of `brief_ids`, or of every brief), from the checks'
-    evaluations in the instance's event log: the record the UI shows, so the CLI can never disagree with it."""
+    evaluations in the instance's event log: the record the UI shows, so the CLI can never disagree with it.
+
+    Indexed reads that follow the briefs in question, not the history: the latest execution of each check per
+    partition (of `brief_ids` only), then each failed one's evaluation; no run's log is read."""
     names = [*STORED_VIDEO_CHECK_DESCRIPTIONS, *QC_CHECKS]
-    infos = instance.event_log_storage.get_asset_check_partition_info(
-        [AssetCheckKey(STORED_VIDEO, name) for name in names]
+    storage = instance.event_log_storage
+    infos = storage.get_asset_check_partition_info(
+        [AssetCheckKey(STORED_VIDEO, name) for name in names],
+        partition_keys=None if brief_ids is None else list(brief_ids),
     )
-    wanted = None if brief_ids is None else set(brief_ids)
-    failed_by_run: dict[str, set[tuple[str, str]]] = defaultdict(set)
+    failures = []
     for info in infos:
         # compared by value: the status enum is not exported by dagster's public API
         status = info.latest_execution_status
         if status is None or status.value != "FAILED" or info.partition_key is None:
             continue
-        if wanted is None or info.partition_key in wanted:
-            failed_by_run[info.latest_planned_run_id].add((info.partition_key, info.check_key.name))
-    failures = []
-    for run_id, failed in failed_by_run.items():
-        for entry in instance.all_logs(run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION):
-            evaluation = entry.dagster_event.event_specific_data if entry.dagster_event else None
-            if not isinstance(evaluation, AssetCheckEvaluation) or evaluation.partition is None:
-                continue
-            if (evaluation.partition, evaluation.check_name) not in failed:
-                continue
+        (latest,) = storage.get_asset_check_execution_history(
+            info.check_key, limit=1, partition_filter=PartitionKeyFilter(key=info.partition_key)
+        )
+        event = latest.event.dagster_event if latest.event else None
+        evaluation = event.event_specific_data if event else None
+        if isinstance(evaluation, AssetCheckEvaluation):
             failures.append(
-                QcFailure(evaluation.partition, evaluation.check_name, evaluation.severity.value, _measured(evaluation))
+                QcFailure(info.partition_key, info.check_key.name, evaluation.severity.value, _measured(evaluation))
             )
     return sorted(failures, key=lambda f: (f.brief_id, names.index(f.check)))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Date, case, func, select
+from sqlalchemy import ColumnElement, Date, case, func, select, true
 
 from ..settings import utc_now
 from .database import LedgerPart
@@ -19,9 +19,15 @@ UNKNOWN_OUTCOME_HINT = (
 )
 
 
+def sent_since(since: datetime | None) -> ColumnElement[bool]:
+    return tasks.c.submitted_at >= since if since is not None else true()
+
+
 class SpendReport(LedgerPart):
-    def spend_report(self, now: datetime | None = None) -> list[dict[str, Any]]:
-        """Credits per UTC day (of submit) and brief; `day` is an ISO date string, so the rows are JSON-ready.
+    def spend_report(self, now: datetime | None = None, since: datetime | None = None) -> list[dict[str, Any]]:
+        """Credits per UTC day (of submit) and brief, of the creates sent `since` (None: ever); `day` is an ISO date
+        string, so the rows are JSON-ready. The period is read through the index on submitted_at: a report of the
+        last month costs the same after a year of history.
 
         `unknown_outcome` counts the creates of the row that never got an answer and were sent Rivya's idempotency
         window or longer before `now` (see `unknown_outcomes`); `unknown_outcome_credits` sums their prices, which
@@ -40,6 +46,7 @@ class SpendReport(LedgerPart):
                 func.sum(case((unknown, 1), else_=0)).label("unknown_outcome"),
                 func.sum(case((unknown, tasks.c.price_credits), else_=0)).label("unknown_outcome_credits"),
             )
+            .where(sent_since(since))
             .group_by(day, tasks.c.brief_id)
             .order_by(day, tasks.c.brief_id)
         )
@@ -59,9 +66,10 @@ class SpendReport(LedgerPart):
             for row in rows
         ]
 
-    def unknown_outcomes(self, now: datetime | None = None) -> list[dict[str, Any]]:
-        """Creates of unknown outcome, oldest first: never answered ("submitting"), and sent Rivya's idempotency
-        window or longer before `now`, so nothing re-sends them and the wallet floor no longer holds their price.
+    def unknown_outcomes(self, now: datetime | None = None, since: datetime | None = None) -> list[dict[str, Any]]:
+        """Creates of unknown outcome sent `since` (None: ever), oldest first: never answered ("submitting"), and
+        sent Rivya's idempotency window or longer before `now`, so nothing re-sends them and the wallet floor no
+        longer holds their price.
 
         They may or may not have been charged; each carries the `hint` of what to do. JSON-ready, like the spend
         report. Derived from status and submitted_at at query time (both indexed): the rows are not changed.
@@ -75,7 +83,7 @@ class SpendReport(LedgerPart):
                 tasks.c.run_id,
                 tasks.c.model,
             )
-            .where(unknown_outcome(now or utc_now()))
+            .where(unknown_outcome(now or utc_now()), sent_since(since))
             .order_by(tasks.c.submitted_at, tasks.c.idempotency_key)
         )
         with self._db.read() as conn:

@@ -250,11 +250,15 @@ class TaskTracker(LedgerPart):
             .limit(limit)
         )
 
-    def gave_up_storing(self, limit: int = 1000) -> list[TaskRecord]:
-        """Paid videos never stored because their store window ran out (or the result was refused), newest first."""
+    def gave_up_storing(self, limit: int = 1000, since: datetime | None = None) -> list[TaskRecord]:
+        """Paid videos never stored because their store window ran out (or the result was refused), newest first;
+        given up on `since` (None: ever), through the index on store_gave_up_at."""
         return self._many(
             select(tasks)
-            .where(tasks.c.store_gave_up_at.is_not(None), tasks.c.stored_at.is_(None))
+            .where(
+                tasks.c.store_gave_up_at >= since if since else tasks.c.store_gave_up_at.is_not(None),
+                tasks.c.stored_at.is_(None),
+            )
             .order_by(tasks.c.store_gave_up_at.desc(), tasks.c.idempotency_key)
             .limit(limit)
         )
