@@ -10,9 +10,7 @@ import json
 import multiprocessing
 import pickle
 import sqlite3
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,35 +32,11 @@ from rivya_pipeline.ledger import (
     SubmitDecision,
 )
 from rivya_pipeline.ledger.schema import ledger_meta, tasks
-from rivya_pipeline_tests.fixtures_postgres import PG_ADMIN_URL, PG_SERVER, admin_connection
+from rivya_pipeline_tests.fixtures_ledger import Backend
 
 T0 = datetime(2026, 5, 11, 12, 0, tzinfo=UTC)
 PRICE = 90
 RACERS = 8
-
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    url: str  # what Ledger() gets
-    driver_url: str  # the same database with an explicit driver, for side connections made by a test
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
-    """A fresh, empty ledger location: a new SQLite file, or a new PostgreSQL schema (dropped afterwards)."""
-    if request.param == "sqlite":
-        url = Ledger.default_url(tmp_path_factory.mktemp("dagster_home"))
-        yield Backend("sqlite", url, url)
-        return
-    with admin_connection() as conn:
-        schema = f"ledger_{uuid.uuid4().hex[:12]}"
-        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-        options = f"?options=-csearch_path%3D{schema}"
-        try:
-            yield Backend("postgres", PG_SERVER + options, PG_ADMIN_URL + options)
-        finally:
-            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
 
 
 @pytest.fixture
