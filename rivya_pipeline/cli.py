@@ -13,7 +13,9 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,11 +28,13 @@ from .settings import REPO_ROOT, UNBOUNDED_SPEND, Settings, SettingsError
 if TYPE_CHECKING:
     from .defs.video_qc import QcFailure
     from .embedded import EmbeddedStack
+    from .headless import BriefOutcome
     from .ledger import Ledger
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 DEMO_DIR = REPO_ROOT / ".demo"
 DEFAULT_REPORT_PERIOD = "30d"
+TABLE_WIDTH = 100_000  # wider than any row: rows are printed whole
 DEV_SHUTDOWN_GRACE_SECONDS = 5.0
 
 
@@ -55,10 +59,44 @@ def _cell(value: object) -> str:
 
 
 def _print_table(rows: list[dict[str, object]], columns: Sequence[str]) -> None:
-    widths = {c: max([len(c), *(len(_cell(r.get(c))) for r in rows)]) for c in columns}  # no rows: header widths
-    print("  ".join(c.ljust(widths[c]) for c in columns))
+    """Plain columns, no borders (greppable, and the same on a terminal as in a file); a row is never wrapped or cut
+    to the terminal's width: an S3 URI or an error is copied whole."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, padding=(0, 1), header_style="bold")
+    for column in columns:
+        table.add_column(column, no_wrap=True, overflow="ignore")
     for row in rows:
-        print("  ".join(_cell(row.get(c)).ljust(widths[c]) for c in columns))
+        table.add_row(*(_cell(row.get(c)) for c in columns))
+    Console(width=TABLE_WIDTH, highlight=False).print(table, crop=False, soft_wrap=True)
+
+
+@contextmanager
+def _progress_line(as_json: bool) -> Iterator[Callable[[Sequence[BriefOutcome]], None] | None]:
+    """On a terminal (and not under --json), a live line on stderr of what a long `run` has done so far."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from .headless import progress_counts
+
+    console = Console(stderr=True, highlight=False)
+    if as_json or not console.is_terminal:
+        yield None
+        return
+    started = time.monotonic()
+    with Live("validating ...", console=console, refresh_per_second=4, transient=False) as live:
+
+        def show(outcomes: Sequence[BriefOutcome]) -> None:
+            counts = progress_counts(outcomes)
+            elapsed = int(time.monotonic() - started)
+            live.update(
+                f"validated {counts['validated']} · submitted {counts['submitted']} · generating "
+                f"{counts['generating']} · stored {counts['stored']} · failed {counts['failed']} · "
+                f"{counts['credits']} credits · {elapsed // 60}m{elapsed % 60:02d}s"
+            )
+
+        yield show
 
 
 def _print_qc_failures(failures: list[QcFailure]) -> None:
@@ -110,7 +148,10 @@ def _execute(briefs: list[Brief], requests: Path, timeout: float, as_json: bool)
     home = _dagster_home()
     # The runs read each brief again from the folder the briefs were loaded from, whatever RIVYA_REQUESTS_PATH says.
     settings = replace(Settings.from_env(), requests_path=requests.resolve())
-    outcomes = HeadlessRun(settings=settings, instance=open_instance(home)).run(briefs, timeout)
+    with _progress_line(as_json) as on_progress:
+        outcomes = HeadlessRun(settings=settings, instance=open_instance(home), on_progress=on_progress).run(
+            briefs, timeout
+        )
     if as_json:
         print(json.dumps({o.brief_id: asdict(o) for o in outcomes}, indent=2))
     else:

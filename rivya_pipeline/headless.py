@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,9 +118,30 @@ def _root_cause(error: SerializableErrorInfo) -> str:
     return message.splitlines()[0]
 
 
+def progress_counts(outcomes: Sequence[BriefOutcome]) -> dict[str, int]:
+    """What a progress line shows: briefs validated, submitted, still generating, stored, failed; credits so far."""
+    failed = {TaskStatus.FAILED, TaskStatus.TIMED_OUT, "store_gave_up"}
+    return {
+        "validated": len(outcomes),
+        "submitted": sum(1 for o in outcomes if o.task_id),
+        "generating": sum(1 for o in outcomes if o.status in PENDING_STATUSES),
+        "stored": sum(1 for o in outcomes if o.succeeded),
+        "failed": sum(1 for o in outcomes if o.status in failed or (o.error and not o.task_id)),
+        "credits": sum(o.final_credits or o.reserved_credits for o in outcomes),
+    }
+
+
 class HeadlessRun:
-    def __init__(self, *, settings: Settings, instance: DagsterInstance) -> None:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        instance: DagsterInstance,
+        on_progress: Callable[[Sequence[BriefOutcome]], None] | None = None,
+    ) -> None:
+        """`on_progress` is called with every brief's outcome so far, after each submit and each pass of polls."""
         self.instance = instance
+        self._on_progress = on_progress or (lambda outcomes: None)
         self.resources = build_resources(settings)
         self.ledger: Ledger = self.resources["ledger"].for_instance(instance)
         self.batch = f"cli-{utc_now():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
@@ -135,6 +156,7 @@ class HeadlessRun:
                 submit = [video_brief, reference_uploads, generation_task]
                 self._materialize(submit, brief.id, outcomes[brief.id], {VERSION_TAG: brief_version(brief)})
             outcomes[brief.id].update(self.ledger.get(keys[brief.id]))
+            self._on_progress(list(outcomes.values()))
         unfinished = PENDING_STATUSES | {TaskStatus.SUCCEEDED, "store_failed"}  # a store given up on is only reported
         waiting = {b: k for b, k in keys.items() if outcomes[b].status in unfinished}
         with self.resources["rivya"].process_config_and_initialize_cm() as rivya:  # resolves the EnvVar key
@@ -193,6 +215,7 @@ class HeadlessRun:
                 outcomes[brief_id].update(record)
                 if record is None or record.stored_uri or record.store_due_at is None:  # stored, given up, or failed
                     del unstored[brief_id]
+            self._on_progress(list(outcomes.values()))
             if waiting or unstored:
                 time.sleep(POLL_IDLE_SECONDS)
         waiting.update({b: k for b, k in unstored.items() if b not in waiting})

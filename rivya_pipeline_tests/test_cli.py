@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pty
 import re
 import shutil
 import signal
@@ -84,6 +85,27 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Compl
     return subprocess.run([str(RIVYA_PIPELINE), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+def run_on_terminal(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The command with stdout and stderr on a pseudo-terminal, as a person at a shell runs it: `stdout` is all
+    the terminal showed."""
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [str(RIVYA_PIPELINE), *args], cwd=cwd, env=env | {"COLUMNS": "200"}, stdout=terminal, stderr=terminal
+    )
+    os.close(terminal)
+    shown = bytearray()
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the command exited and closed its side
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    return subprocess.CompletedProcess(args, process.wait(timeout=300), shown.decode(errors="replace"), "")
+
+
 @pytest.fixture
 def cli(tmp_path, configure_emulator, s3_bucket, s3_endpoint_url) -> Callable[..., subprocess.CompletedProcess[str]]:
     """`cli("run", "--requests", path)`: the command against the emulator (fast lifecycle) and the test bucket;
@@ -96,7 +118,9 @@ def cli(tmp_path, configure_emulator, s3_bucket, s3_endpoint_url) -> Callable[..
         s3_endpoint_url=s3_endpoint_url,
         dagster_home=tmp_path / "dagster_home",
     )
-    return lambda *args, **more_env: run_cli(list(args), env | more_env, tmp_path)
+    return lambda *args, terminal=False, **more_env: (run_on_terminal if terminal else run_cli)(
+        list(args), env | more_env, tmp_path
+    )
 
 
 def sample_folder(tmp_path: Path) -> Path:
@@ -279,6 +303,28 @@ def test_run_and_report_list_the_stored_videos_that_failed_qc_and_exit_0(tmp_pat
     assert_carries_the_qc_failures(json.loads(report_json.stdout)["qc_failures"], set(QC_FAILURES))
     assert len(s3_keys(s3_bucket)) == 3 * 4  # every video kept, with its sidecar and pictures
     assert emulator.stats()["creates_performed"] == 3
+
+
+def test_run_on_a_terminal_shows_a_live_progress_line_and_stays_quiet_under_json_or_when_piped(tmp_path, cli):
+    """Failure mode: a run over 200 briefs (real generations take minutes each) that prints nothing until it ends."""
+    folder = sample_folder(tmp_path)
+
+    on_terminal = cli("run", "--requests", str(folder), terminal=True)
+    json_on_terminal = cli("run", "--json", "--requests", str(folder), terminal=True)
+    piped = cli("run", "--requests", str(folder))
+
+    assert [on_terminal.returncode, json_on_terminal.returncode, piped.returncode] == [EXIT_OK] * 3, on_terminal.stdout
+    lines = re.findall(
+        r"validated (\d+) · submitted (\d+) · generating (\d+) · stored (\d+) · failed (\d+) · (\d+) credits",
+        on_terminal.stdout,
+    )
+    assert lines[-1] == ("3", "3", "0", "3", "0", str(3 * KLING_PRICE)), on_terminal.stdout
+    assert any(line[2] != "0" for line in lines)  # shown while generating: each submit updates the line
+    assert "brief_id" in on_terminal.stdout  # the table follows the line
+    shown = json_on_terminal.stdout  # stderr's warnings too: the terminal shows both
+    outcomes, _ = json.JSONDecoder().raw_decode(shown[shown.index("{") :])
+    assert "validated" not in shown and outcomes["product-spin"]["status"] == "stored"
+    assert "validated" not in piped.stdout + piped.stderr
 
 
 def test_report_of_an_instance_that_spent_nothing_is_the_header_alone(cli, emulator):
