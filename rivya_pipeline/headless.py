@@ -150,13 +150,17 @@ class HeadlessRun:
         add_brief_partitions(self.instance, [b.id for b in briefs])
         outcomes = {b.id: BriefOutcome(b.id) for b in briefs}
         keys = {b.id: b.request.idempotency_key() for b in briefs}
+        known = self.ledger.get_many(list(keys.values()))  # one read per 500 briefs: a mostly stored folder is cheap
         for brief in briefs:
-            record = self.ledger.get(keys[brief.id])
+            record = known.get(keys[brief.id])
             if record is None or record.status == TaskStatus.SUBMITTING:  # new, or a create whose answer was lost
                 submit = [video_brief, reference_uploads, generation_task]
                 self._materialize(submit, brief.id, outcomes[brief.id], {VERSION_TAG: brief_version(brief)})
-            outcomes[brief.id].update(self.ledger.get(keys[brief.id]))
-            self._on_progress(list(outcomes.values()))
+                outcomes[brief.id].update(self.ledger.get(keys[brief.id]))
+                self._on_progress(list(outcomes.values()))
+            else:
+                outcomes[brief.id].update(record)
+        self._on_progress(list(outcomes.values()))
         unfinished = PENDING_STATUSES | {TaskStatus.SUCCEEDED, "store_failed"}  # a store given up on is only reported
         waiting = {b: k for b, k in keys.items() if outcomes[b].status in unfinished}
         with self.resources["rivya"].process_config_and_initialize_cm() as rivya:  # resolves the EnvVar key

@@ -264,4 +264,7 @@ def run(stack: BenchStack, quick: bool, sizes: Sequence[int] | None = None) -> B
         f"child process; the folder alone at {folder_only}",
         figures=figures,
         goals=goals,
+        bounds="discovery with nothing new: listing and stat-ing every file of the folder "
+        "(discovery_floor_folder_stat, O(files) without a change feed from the file system); run: reading and validating the whole folder (ids "
+        "are unique across it) and a partition per brief",
     )

@@ -13,12 +13,14 @@ a ledger row, and from there the sensor's re-send and store queue take over; a r
 (budget, a stale brief) is tagged NOT_SUBMITTED_TAG and is never relaunched.
 """
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from dagster import (
     AssetSelection,
     DagsterInstance,
+    DagsterInvariantViolationError,
     DagsterRunStatus,
     DefaultScheduleStatus,
     RunRecord,
@@ -61,16 +63,30 @@ def add_brief_partitions(instance: DagsterInstance, brief_ids: list[str]) -> Non
         instance.add_dynamic_partitions(BRIEF_PARTITIONS, new_keys[start : start + PARTITION_BATCH])
 
 
-def launched_versions(instance: DagsterInstance) -> set[str]:
-    """The brief versions that have a run Dagster has submitted, whatever became of it.
+# instance -> the versions this process has seen launched: a run Dagster submitted stays submitted, so a code
+# server's later ticks ask the run storage about the versions it has not seen launched yet only (a tick with
+# nothing new asks nothing). A run deleted by a person stays counted until the code server restarts.
+_seen_launched: dict[str, set[str]] = {}
+SUBMITTED = [status for status in DagsterRunStatus if status != DagsterRunStatus.NOT_STARTED]
+
+
+def launched_versions(instance: DagsterInstance, versions: Collection[str]) -> set[str]:
+    """Which of `versions` have a run Dagster has submitted, whatever became of it.
 
     A run created but never submitted (NOT_STARTED: the daemon died in between) does not count: the tick that made
     it is evaluated again and Dagster submits that very run; counting it would leave it waiting forever."""
-    tagged = dict(instance.get_run_tags(tag_keys=[VERSION_TAG, RUN_KEY_TAG]))
-    launched = tagged.get(VERSION_TAG, set()) | tagged.get(RUN_KEY_TAG, set())
-    for run in instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.NOT_STARTED])):
-        launched.discard(run.tags.get(VERSION_TAG) or run.tags.get(RUN_KEY_TAG, ""))
-    return launched
+    try:
+        memory = repr(instance.get_ref())
+    except DagsterInvariantViolationError:  # an ephemeral instance (no ref): nothing to remember it by
+        memory = None
+    seen = _seen_launched.setdefault(memory, set()) if memory else set()
+    unknown = sorted(set(versions) - seen)
+    for start in range(0, len(unknown), PARTITION_BATCH):
+        chunk = unknown[start : start + PARTITION_BATCH]
+        for tag in (VERSION_TAG, RUN_KEY_TAG):
+            for run in instance.get_runs(RunsFilter(tags={tag: chunk}, statuses=SUBMITTED)):
+                seen.add(run.tags[tag])
+    return seen & set(versions)
 
 
 @dataclass(frozen=True)
@@ -138,7 +154,7 @@ def build_discovery_schedule(cron: str) -> ScheduleDefinition:
         # A hint for the runs (each reads its own brief's file), not a record of what was launched: writing it
         # before any run exists hides nothing from a later tick.
         ledger.for_instance(context.instance).index_brief_files(briefs.folder(), {b.id: b.source for b in found})
-        launched = launched_versions(context.instance)
+        launched = launched_versions(context.instance, [brief_version(b) for b in found])
         fresh = [b for b in found if brief_version(b) not in launched]
         again = relaunches(
             context.instance,

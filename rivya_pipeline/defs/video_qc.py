@@ -97,6 +97,9 @@ def _markdown(title: str, picture: Picture, stored: StoredObject) -> str:
     )
 
 
+PARTITIONS_PER_READ = 5000  # partition keys bound in one read of the checks' executions
+
+
 @dataclass(frozen=True)
 class QcFailure:
     """A check the latest stored video of a brief failed, as `run` and `report` list it."""
@@ -116,10 +119,18 @@ def qc_failures(instance: DagsterInstance, brief_ids: Sequence[str] | None = Non
     partition (of `brief_ids` only), then each failed one's evaluation; no run's log is read."""
     names = [*STORED_VIDEO_CHECK_DESCRIPTIONS, *QC_CHECKS]
     storage = instance.event_log_storage
-    infos = storage.get_asset_check_partition_info(
-        [AssetCheckKey(STORED_VIDEO, name) for name in names],
-        partition_keys=None if brief_ids is None else list(brief_ids),
-    )
+    keys = [AssetCheckKey(STORED_VIDEO, name) for name in names]
+    if brief_ids is None:
+        infos = list(storage.get_asset_check_partition_info(keys))
+    else:  # in chunks: a statement binds each partition key
+        ids = list(brief_ids)
+        infos = [
+            info
+            for start in range(0, len(ids), PARTITIONS_PER_READ)
+            for info in storage.get_asset_check_partition_info(
+                keys, partition_keys=ids[start : start + PARTITIONS_PER_READ]
+            )
+        ]
     failures = []
     for info in infos:
         # compared by value: the status enum is not exported by dagster's public API

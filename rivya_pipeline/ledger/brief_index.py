@@ -18,6 +18,10 @@ from .database import LedgerPart
 from .schema import brief_files
 
 ROWS_PER_STATEMENT = 5000  # below SQLite's limit of bound values per statement
+# (database, folder) -> the rows this process last found or wrote: a code server evaluates discovery again and
+# again, and a tick with nothing new then reads and writes no row. A hint may go stale (another process indexing
+# the same folder, a person editing the table); `load_brief_by_id` checks every hint it uses.
+_remembered: dict[tuple[str, str], dict[str, str]] = {}
 
 
 class BriefIndex(LedgerPart):
@@ -33,17 +37,22 @@ class BriefIndex(LedgerPart):
     def index_brief_files(self, folder: Path, files: Mapping[str, Path]) -> int:
         """Record brief id -> file (each under `folder`) where it changed; the number of rows written.
 
-        One read of the folder's rows and a write of the changed ones only: a tick with nothing new writes nothing.
-        Two writers racing over the same rows (two discoveries of one folder) leave one's rows; either is right.
+        One read of the folder's rows (the first time in this process) and a write of the changed ones only: a tick
+        with nothing new reads and writes nothing. Two writers racing over the same rows (two discoveries of one
+        folder) leave one's rows; either is right.
         """
         key = str(folder.resolve())
         wanted = {brief_id: path.relative_to(folder).as_posix() for brief_id, path in files.items()}
-        with self._db.read() as conn:
-            known = dict(
-                conn.execute(
-                    select(brief_files.c.brief_id, brief_files.c.path).where(brief_files.c.folder == key)
-                ).all()
-            )
+        memory = (self._db.identity, key)
+        known = _remembered.get(memory)
+        if known is None:
+            with self._db.read() as conn:
+                known = dict(
+                    conn.execute(
+                        select(brief_files.c.brief_id, brief_files.c.path).where(brief_files.c.folder == key)
+                    ).all()
+                )
+            _remembered[memory] = known
         changed = {brief_id: path for brief_id, path in wanted.items() if known.get(brief_id) != path}
         if not changed:
             return 0
@@ -58,5 +67,7 @@ class BriefIndex(LedgerPart):
                     )
                     conn.execute(insert(brief_files), chunk)
         except IntegrityError:
+            _remembered.pop(memory, None)  # another writer's rows are there: read them next time
             return 0
+        known.update(changed)
         return len(rows)

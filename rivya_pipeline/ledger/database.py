@@ -48,6 +48,11 @@ class LedgerDatabase:
         self._reader = self._engine.execution_options(sqlite_begin="DEFERRED")
         self._create_schema()
 
+    @property
+    def identity(self) -> str:
+        """Which database this is (its URL without a password): a key for what a process remembers of it."""
+        return self._engine.url.render_as_string(hide_password=True)
+
     @staticmethod
     def default_url(dagster_home: str | Path) -> str:
         """A SQLite file inside DAGSTER_HOME: zero setup, and it lives as long as the Dagster instance."""

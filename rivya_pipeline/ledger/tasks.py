@@ -88,6 +88,8 @@ class StoreRetryPolicy:
         return min(self.first_wait * 2 ** min(max(attempts - 1, 0), 30), self.max_wait)
 
 
+KEYS_PER_STATEMENT = 500  # bound values per statement, well below SQLite's limit
+
 _RECORD_FIELDS = tuple(f.name for f in fields(TaskRecord))
 
 
@@ -115,6 +117,14 @@ class TaskTracker(LedgerPart):
 
     def get(self, idempotency_key: str) -> TaskRecord | None:
         return self._one(tasks.c.idempotency_key == idempotency_key)
+
+    def get_many(self, idempotency_keys: Sequence[str]) -> dict[str, TaskRecord]:
+        """The rows of these keys (those that exist), by key: a read per KEYS_PER_STATEMENT keys, not one per key."""
+        found: dict[str, TaskRecord] = {}
+        for start in range(0, len(idempotency_keys), KEYS_PER_STATEMENT):
+            chunk = idempotency_keys[start : start + KEYS_PER_STATEMENT]
+            found |= {r.idempotency_key: r for r in self._many(select(tasks).where(tasks.c.idempotency_key.in_(chunk)))}
+        return found
 
     def find_by_task(self, task_id: str) -> TaskRecord | None:
         return self._one(tasks.c.task_id == task_id)
