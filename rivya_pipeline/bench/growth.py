@@ -265,6 +265,6 @@ def run(stack: BenchStack, quick: bool, sizes: Sequence[int] | None = None) -> B
         figures=figures,
         goals=goals,
         bounds="discovery with nothing new: listing and stat-ing every file of the folder "
-        "(discovery_floor_folder_stat, O(files) without a change feed from the file system); run: reading and validating the whole folder (ids "
-        "are unique across it) and a partition per brief",
+        "(discovery_floor_folder_stat, O(files) without a change feed from the file system); run: reading and "
+        "validating the whole folder (ids are unique across it) and a partition per brief",
     )
