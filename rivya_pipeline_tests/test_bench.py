@@ -19,6 +19,7 @@ pytestmark = pytest.mark.timeout(1500)  # the module's first test waits for `ben
 
 BENCH = [sys.executable, "-m", "rivya_pipeline.cli", "bench"]
 TRANSFER_MB = 40  # the size option, in the place of the quick default
+GROWTH_SIZES = (100, 400)  # the sizes of history, in the place of the quick default (200, 2000): CI's time
 
 README_KEYS = {  # what the README's Benchmarks table reads from `bench all --json`
     "poll": {
@@ -35,13 +36,32 @@ README_KEYS = {  # what the README's Benchmarks table reads from `bench all --js
     "qc": {"cpu_seconds_per_clip_second", "peak_rss_mb"},
     "scale": {"seconds_per_brief", "inprocess_seconds_per_brief", "ratio_to_inprocess", "bare_seconds_per_brief"},
     "chaos": {"lost", "duplicate_charges", "abandoned", "stored", "minutes_to_heal"},
+    "growth": {
+        "event_log_kb_per_video_batch",
+        "event_log_kb_per_video_lone_run",
+        "discovery_nothing_new_cpu_s",
+        "lookups_cpu_s",
+        "sensor_tick_cpu_s",
+        "run_cpu_s",
+        "report_cpu_s",
+        "ui_partition_status_after_add_wall_s",
+    },
 }
 
 
 @pytest.fixture(scope="module")
 def report() -> dict:
     done = subprocess.run(
-        [*BENCH, "all", "--json", "--quick", "--transfer-mb", str(TRANSFER_MB)],
+        [
+            *BENCH,
+            "all",
+            "--json",
+            "--quick",
+            "--transfer-mb",
+            str(TRANSFER_MB),
+            "--sizes",
+            ",".join(map(str, GROWTH_SIZES)),
+        ],
         capture_output=True,
         text=True,
         timeout=1200,  # `scale` alone waits for a discovery tick per profile
@@ -156,3 +176,17 @@ def test_a_name_that_is_no_benchmark_is_refused_before_any_server_starts(monkeyp
     with pytest.raises(ValueError, match=re.escape(f"unknown benchmarks ['stack']; known: {', '.join(BENCHMARKS)}")):
         run_benchmarks(["poll", "stack"], quick=True, as_json=True)
     assert os.environ["RIVYA_LEDGER_URL"] == "sqlite:///kept.db"
+
+
+def test_growth_seeds_each_size_whole_and_times_each_operation_at_both(report):
+    growth = report["growth"]
+    small, big = (str(size) for size in GROWTH_SIZES)
+    # Per brief: a materialization and seven checks, each planned and evaluated.
+    assert growth["seeded_events"] == {small: 15 * GROWTH_SIZES[0], big: 15 * GROWTH_SIZES[1]}
+    for name in README_KEYS["growth"] - {"event_log_kb_per_video_batch", "event_log_kb_per_video_lone_run"}:
+        figure = growth[name]
+        assert figure[small] > 0 and figure[big] > 0, name
+        assert figure["ratio"] == round(figure[big] / figure[small], 2), name
+    # A real video's pictures and checks: tens of KB, the lone run more than the batch's share.
+    assert 5 < growth["event_log_kb_per_video_batch"] < growth["event_log_kb_per_video_lone_run"] < 200
+    assert 0 < growth["ledger_kb_per_video"][big] < 10
