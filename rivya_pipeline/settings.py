@@ -22,6 +22,8 @@ from .qc.thresholds import QcThresholds
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BASE_URL = "https://rivya.ai"
 REQUESTS_PATH_ENV = "RIVYA_REQUESTS_PATH"  # the briefs folder
+# Dagster advises at most 100,000 partitions per asset (the UI slows beyond); discovery warns at 80% of it.
+DEFAULT_PARTITION_CEILING = 100_000
 
 
 def utc_now() -> datetime:
@@ -132,6 +134,7 @@ class Settings:
     store_retry_max_seconds: float
     store_window_hours: float
     relaunch_first_seconds: float
+    partition_ceiling: int
     # The QC checks' thresholds, named as in QcThresholds (see there for their meaning and defaults).
     black_pixel_luma: float
     black_picture_share: float
@@ -169,5 +172,6 @@ class Settings:
             store_retry_max_seconds=_float(env, "RIVYA_STORE_RETRY_MAX_SECONDS", 1800.0),
             store_window_hours=_float(env, "RIVYA_STORE_WINDOW_HOURS", 24.0),
             relaunch_first_seconds=_float(env, "RIVYA_RELAUNCH_FIRST_SECONDS", 60.0),
+            partition_ceiling=_int(env, "RIVYA_PARTITION_CEILING", DEFAULT_PARTITION_CEILING, minimum=1),
             **_qc_thresholds(env),
         )

@@ -233,3 +233,16 @@ def test_test_schedule_in_the_ui_twice_then_the_tick_still_launches_every_brief(
     assert tested[0] == tested[1] and len(tested[0]) == len(SAMPLE_BRIEFS)
     assert pipeline.instance.get_runs_count() == 0
     assert {r.run_key for r in pipeline.discover(TICK + timedelta(hours=1)).run_requests} == tested[0]
+
+
+def test_discovery_warns_in_its_tick_once_the_partitions_reach_80_percent_of_the_ceiling(make_pipeline, capfd):
+    """Failure mode: a year of briefs walks past Dagster's advised 100,000 partitions per asset, and the UI slows
+    down with nothing having said so."""
+    below = make_pipeline(partition_ceiling=4)  # the 3 sample briefs are 75% of it
+    below.discover(TICK)
+    assert "RIVYA_PARTITION_CEILING" not in capfd.readouterr().err  # the tick's log (Dagster's console logger)
+
+    at = make_pipeline(partition_ceiling=3)
+    at.write_brief("one-more.yaml", "id: one-more\nprompt: A fourth brief.\n")  # a new brief: partitions are added
+    at.discover(TICK + timedelta(hours=1))
+    assert "WARNING - 4 briefs partitions, 133% of RIVYA_PARTITION_CEILING=3" in capfd.readouterr().err

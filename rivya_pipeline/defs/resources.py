@@ -23,7 +23,7 @@ from ..polling import TaskPoller
 from ..qc.thresholds import QcThresholds
 from ..rivya import RetryPolicy, RivyaClient
 from ..rivya.media import MediaFetcher
-from ..settings import DEFAULT_BASE_URL, UNBOUNDED_SPEND, Settings
+from ..settings import DEFAULT_BASE_URL, DEFAULT_PARTITION_CEILING, UNBOUNDED_SPEND, Settings
 from ..storage import VideoStore, shared_s3_client
 
 # The pool of generation_task, the paid create: bounds creates in flight across all runs of an instance.
@@ -245,6 +245,11 @@ class BriefsResource(ConfigurableResource):
         default=60.0,
         description="Wait after every run of a brief version failed before its create was sent (a dead worker, a "
         "lost broker) before discovery launches it again; doubles after each relaunch, three relaunches at most.",
+    )
+    partition_ceiling: int = Field(
+        default=DEFAULT_PARTITION_CEILING,
+        description="The most `briefs` partitions the deployment plans for (Dagster advises at most 100,000 per "
+        "asset); discovery warns in its tick once 80% of it is reached.",
     )
 
     def folder(self) -> Path:

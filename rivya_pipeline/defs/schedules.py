@@ -49,18 +49,32 @@ RELAUNCH_TAG = "rivya/relaunch"
 MAX_RELAUNCHES = 3
 # Failed runs older than this are not looked at again: by then a version has had its relaunches.
 RELAUNCH_LOOKBACK = timedelta(hours=24)
+CEILING_WARNING_SHARE = 0.8
 
 
 def brief_version(brief: Brief) -> str:
     return f"{brief.id}:{brief.content_hash[:16]}"
 
 
-def add_brief_partitions(instance: DagsterInstance, brief_ids: list[str]) -> None:
-    """Add a partition for each brief that has none yet, in batches (idempotent: a repeated call adds nothing)."""
+def add_brief_partitions(instance: DagsterInstance, brief_ids: list[str]) -> int:
+    """Add a partition for each brief that has none yet, in batches (idempotent: a repeated call adds nothing);
+    how many partitions there are now."""
     existing = set(instance.get_dynamic_partitions(BRIEF_PARTITIONS))
     new_keys = [brief_id for brief_id in brief_ids if brief_id not in existing]
     for start in range(0, len(new_keys), PARTITION_BATCH):
         instance.add_dynamic_partitions(BRIEF_PARTITIONS, new_keys[start : start + PARTITION_BATCH])
+    return len(existing) + len(new_keys)
+
+
+def ceiling_warning(partitions: int, ceiling: int) -> str | None:
+    """What discovery says once the partitions reach CEILING_WARNING_SHARE of the ceiling."""
+    if partitions < CEILING_WARNING_SHARE * ceiling:
+        return None
+    return (
+        f"{partitions} briefs partitions, {partitions / ceiling:.0%} of RIVYA_PARTITION_CEILING={ceiling} (Dagster "
+        "advises at most 100,000 per asset: past it the UI's partition views slow down). Start new campaigns in a "
+        "deployment of their own (another DAGSTER_HOME) before the ceiling."
+    )
 
 
 # instance -> the versions this process has seen launched: a run Dagster submitted stays submitted, so a code
@@ -165,7 +179,9 @@ def build_discovery_schedule(cron: str) -> ScheduleDefinition:
         )
         if not fresh and not again:
             return SkipReason(f"{len(found)} brief(s), none new or changed; {len(errors)} invalid")
-        add_brief_partitions(context.instance, [b.id for b in fresh])
+        partitions = add_brief_partitions(context.instance, [b.id for b in fresh])
+        if warning := ceiling_warning(partitions, briefs.partition_ceiling):
+            context.log.warning(warning)
         tick_time = context.scheduled_execution_time or utc_now()
         batch = f"discovery-{tick_time:%Y%m%dT%H%M%S}"
         requests = [
