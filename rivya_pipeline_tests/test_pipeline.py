@@ -389,6 +389,7 @@ DISTINCT_SETTINGS = Settings(
     store_retry_max_seconds=600.0,
     store_window_hours=12.0,
     relaunch_first_seconds=20.0,
+    partition_ceiling=5000,
     black_pixel_luma=0.15,
     black_picture_share=0.95,
     black_max_seconds=3.0,

@@ -28,14 +28,12 @@ from typing import Any
 
 from dagster import AssetCheckEvaluation, AssetRecordsFilter, DagsterEventType, DagsterInstance, RunsFilter
 from dagster._serdes import serialize_value
-from sqlalchemy import create_engine, insert
 
 from ..defs.resources import default_ledger_url
 from ..defs.store_batch import STORE_VIDEOS_JOB
 from ..instance_setup import open_instance, write_default_config
 from ..ledger import Ledger
-from ..ledger.schema import tasks
-from .common import BenchResult, Figure, create_tasks, seed_pending
+from .common import BenchResult, Figure, create_tasks, insert_ledger_rows, seed_pending
 from .e2e import timed_command
 from .growth_child import RESULT_PREFIX
 from .growth_seed import STORED_VIDEO, Template, brief_ids, seed, write_briefs, write_reference_images
@@ -149,12 +147,7 @@ def seed_sensor_work(stack: BenchStack, ledger_url: str) -> None:
         }
         for index in range(DUE_STORES)
     ]
-    engine = create_engine(ledger_url)
-    try:
-        with engine.begin() as connection:
-            connection.execute(insert(tasks), rows)
-    finally:
-        engine.dispose()
+    insert_ledger_rows(ledger_url, rows)
 
 
 def tree_bytes(path: Path) -> int:

@@ -26,7 +26,7 @@ from dagster._core.definitions.partitions.subset import DefaultPartitionsSubset
 from dagster._core.events import DagsterEvent, DagsterEventType, StepMaterializationData
 from dagster._core.events.log import EventLogEntry
 from PIL import Image
-from sqlalchemy import create_engine, insert
+from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
 from ..briefs import Brief, scan_briefs
@@ -35,7 +35,7 @@ from ..defs.schedules import VERSION_TAG, brief_version
 from ..defs.sensors import MAX_RETRIES_TAG, PARTITION_TAG
 from ..defs.store_batch import STORE_BATCH_SIZE, STORE_VIDEOS_JOB, store_videos_run_config
 from ..ledger import Ledger
-from ..ledger.schema import tasks
+from .common import insert_ledger_rows
 
 STORED_VIDEO = AssetKey("stored_video")
 REFERENCE_IMAGES = 50
@@ -212,12 +212,7 @@ def seed_ledger(ledger_url: str, briefs: Sequence[Brief], task_ids: dict[str, st
                 "store_queued_at": sent + timedelta(minutes=3),
             }
         )
-    engine = create_engine(ledger_url)
-    try:
-        with engine.begin() as connection:
-            connection.execute(insert(tasks), rows)
-    finally:
-        engine.dispose()
+    insert_ledger_rows(ledger_url, rows)
 
 
 def seed(instance: DagsterInstance, ledger_url: str, folder: Path, count: int, template: Template) -> dict[str, int]:
