@@ -32,6 +32,7 @@ from dagster import (
     schedule,
 )
 
+from ..batching import chunks
 from ..briefs import Brief, scan_briefs
 from ..ledger import TaskTracker
 from ..settings import utc_now
@@ -61,8 +62,8 @@ def add_brief_partitions(instance: DagsterInstance, brief_ids: list[str]) -> int
     how many partitions there are now."""
     existing = set(instance.get_dynamic_partitions(BRIEF_PARTITIONS))
     new_keys = [brief_id for brief_id in brief_ids if brief_id not in existing]
-    for start in range(0, len(new_keys), PARTITION_BATCH):
-        instance.add_dynamic_partitions(BRIEF_PARTITIONS, new_keys[start : start + PARTITION_BATCH])
+    for chunk in chunks(new_keys, PARTITION_BATCH):
+        instance.add_dynamic_partitions(BRIEF_PARTITIONS, chunk)
     return len(existing) + len(new_keys)
 
 
@@ -95,10 +96,9 @@ def launched_versions(instance: DagsterInstance, versions: Collection[str]) -> s
         memory = None
     seen = _seen_launched.setdefault(memory, set()) if memory else set()
     unknown = sorted(set(versions) - seen)
-    for start in range(0, len(unknown), PARTITION_BATCH):
-        chunk = unknown[start : start + PARTITION_BATCH]
+    for chunk in chunks(unknown, PARTITION_BATCH):
         for tag in (VERSION_TAG, RUN_KEY_TAG):
-            for run in instance.get_runs(RunsFilter(tags={tag: chunk}, statuses=SUBMITTED)):
+            for run in instance.get_runs(RunsFilter(tags={tag: list(chunk)}, statuses=SUBMITTED)):
                 seen.add(run.tags[tag])
     return seen & set(versions)
 

@@ -32,6 +32,7 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
 )
 from pydantic import Field
 
+from ..batching import chunks
 from ..ledger import TaskRecord, TaskTracker
 from .assets import STORED_VIDEO_CHECKS, stored_video
 from .inputs import task_handle
@@ -55,7 +56,7 @@ def store_videos_run_config(task_ids: list[str]) -> dict[str, Any]:
 
 def in_batches(records: Sequence[TaskRecord]) -> list[Sequence[TaskRecord]]:
     """`records` in order, STORE_BATCH_SIZE at a time: what one store_videos run stores."""
-    return [records[start : start + STORE_BATCH_SIZE] for start in range(0, len(records), STORE_BATCH_SIZE)]
+    return list(chunks(records, STORE_BATCH_SIZE))
 
 
 def batched_task_ids(run_config: Mapping[str, Any]) -> list[str]:

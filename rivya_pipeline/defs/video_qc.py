@@ -27,6 +27,7 @@ from dagster import (
 )
 from dagster._core.event_api import PartitionKeyFilter  # the partition filter of check-history reads
 
+from ..batching import chunks
 from ..delivery import Delivery
 from ..qc.checks import AUDIO_MATCHES, NOT_BLACK, NOT_FROZEN, qc_verdicts
 from ..qc.thresholds import QcThresholds
@@ -126,10 +127,8 @@ def qc_failures(instance: DagsterInstance, brief_ids: Sequence[str] | None = Non
         ids = list(brief_ids)
         infos = [
             info
-            for start in range(0, len(ids), PARTITIONS_PER_READ)
-            for info in storage.get_asset_check_partition_info(
-                keys, partition_keys=ids[start : start + PARTITIONS_PER_READ]
-            )
+            for chunk in chunks(ids, PARTITIONS_PER_READ)
+            for info in storage.get_asset_check_partition_info(keys, partition_keys=chunk)
         ]
     failures = []
     for info in infos:

@@ -14,6 +14,7 @@ from pathlib import Path
 from sqlalchemy import delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
+from ..batching import chunks
 from .database import LedgerPart
 from .schema import brief_files
 
@@ -59,13 +60,12 @@ class BriefIndex(LedgerPart):
         rows = [{"folder": key, "brief_id": brief_id, "path": path} for brief_id, path in changed.items()]
         try:
             with self._db.write() as conn:
-                for start in range(0, len(rows), ROWS_PER_STATEMENT):
-                    chunk = rows[start : start + ROWS_PER_STATEMENT]
+                for chunk in chunks(rows, ROWS_PER_STATEMENT):
                     ids = [row["brief_id"] for row in chunk]
                     conn.execute(
                         delete(brief_files).where(brief_files.c.folder == key, brief_files.c.brief_id.in_(ids))
                     )
-                    conn.execute(insert(brief_files), chunk)
+                    conn.execute(insert(brief_files), list(chunk))
         except IntegrityError:
             _remembered.pop(memory, None)  # another writer's rows are there: read them next time
             return 0

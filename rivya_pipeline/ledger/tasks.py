@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Select, and_, bindparam, func, select, update
 
+from ..batching import chunks
 from ..rivya.models import PENDING_STATUSES, TERMINAL_STATUSES, TaskStatus
 from ..settings import utc_now
 from .database import LedgerPart
@@ -121,8 +122,7 @@ class TaskTracker(LedgerPart):
     def get_many(self, idempotency_keys: Sequence[str]) -> dict[str, TaskRecord]:
         """The rows of these keys (those that exist), by key: a read per KEYS_PER_STATEMENT keys, not one per key."""
         found: dict[str, TaskRecord] = {}
-        for start in range(0, len(idempotency_keys), KEYS_PER_STATEMENT):
-            chunk = idempotency_keys[start : start + KEYS_PER_STATEMENT]
+        for chunk in chunks(idempotency_keys, KEYS_PER_STATEMENT):
             found |= {r.idempotency_key: r for r in self._many(select(tasks).where(tasks.c.idempotency_key.in_(chunk)))}
         return found
 
