@@ -1,4 +1,4 @@
-"""`rivya-pipeline`: run, demo, dev, workers, emulator and report.
+"""`rivya-pipeline`: run, demo, dev, workers, emulator, report and retire.
 
 Exit codes of `run`: 0 every brief stored, 1 any failed or timed out, 2 invalid input (nothing spent).
 A stored video that failed a QC check is still stored (exit 0): `run` and `report` list it under their tables,
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 DEMO_DIR = REPO_ROOT / ".demo"
 DEFAULT_REPORT_PERIOD = "30d"
+DEFAULT_RETENTION = "90d"
 TABLE_WIDTH = 100_000  # wider than any row: rows are printed whole
 DEV_SHUTDOWN_GRACE_SECONDS = 5.0
 
@@ -270,6 +271,46 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_retire(args: argparse.Namespace) -> int:
+    """Retire the partitions of briefs that left the folder and whose videos were stored `--after` days ago or more
+    (retirement.py); with --dry-run, only say which."""
+    from .instance_setup import open_instance
+    from .ledger import Ledger
+    from .retirement import plan_retirement, retire_partitions
+    from .settings import utc_now
+
+    settings = Settings.from_env()
+    home = _dagster_home()
+    ledger = Ledger(settings.ledger_url or Ledger.default_url(home))
+    stored_before = utc_now() - args.after
+    with open_instance(home) as instance:
+        plan = plan_retirement(instance, ledger, args.requests, stored_before=stored_before)
+        retired = 0 if args.dry_run else retire_partitions(instance, plan)
+    rows = [asdict(r) for r in plan.retire]
+    if args.json:
+        answer = {"dry_run": args.dry_run, "retired": retired, "partitions": rows, "kept": plan.kept}
+        print(json.dumps(answer, default=str))
+        return EXIT_OK
+    verb = "Would retire" if args.dry_run else "Retired"
+    print(
+        f"{verb} {len(plan.retire)} partition(s) of briefs gone from {args.requests} and stored before "
+        f"{stored_before:%Y-%m-%d %H:%M} UTC; {plan.in_folder} partition(s) have their brief in the folder. Videos, "
+        "sidecars, ledger rows and Dagster's history stay; a brief that comes back gets its partition again."
+    )
+    _print_table(rows, ["brief_id", "stored_at", "stored_uri", "task_id"])
+    for reason, count in plan.kept.items():
+        print(f"kept {count}: {reason}")
+    return EXIT_OK
+
+
+def _days(text: str) -> timedelta:
+    """`retire --after`: a number of days, as 90d (or 90)."""
+    digits = text.strip().lower().removesuffix("d")
+    if not digits.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a number of days, as 90d (got {text!r})")
+    return timedelta(days=int(digits))
+
+
 def _videos_given_up(ledger: Ledger, since: datetime | None = None) -> list[dict[str, Any]]:
     """Paid videos the store queue gave up on (window ran out, or the result refused), with what to do."""
     from .defs.storing import store_outlook
@@ -429,6 +470,20 @@ def build_parser() -> argparse.ArgumentParser:
         "outcomes and videos not stored of creates sent in it; QC failures of its briefs",
     )
     report.set_defaults(func=cmd_report)
+
+    retire = sub.add_parser(
+        "retire", help="retire the partitions of briefs that left the folder, long after their videos were stored"
+    )
+    retire.add_argument("--requests", type=Path, default=None, help="briefs folder (default: RIVYA_REQUESTS_PATH)")
+    retire.add_argument(
+        "--after",
+        type=_days,
+        default=_days(DEFAULT_RETENTION),
+        help=f"how long after its video was stored a gone brief's partition is kept (default: {DEFAULT_RETENTION})",
+    )
+    retire.add_argument("--dry-run", action="store_true", help="say which partitions would be retired; change nothing")
+    retire.add_argument("--json", action="store_true")
+    retire.set_defaults(func=cmd_retire)
 
     workers = sub.add_parser(
         "workers", help="warm Celery workers that execute the runs of a CeleryRunLauncher instance (deploy/celery/)"

@@ -422,6 +422,32 @@ def test_report_refuses_a_period_it_cannot_read_in_one_line(cli, emulator):
     )
 
 
+def test_retire_dry_run_changes_nothing_then_retire_removes_the_gone_briefs_partition(tmp_path, cli, emulator):
+    folder = sample_folder(tmp_path)
+    assert cli("run", "--requests", str(folder)).returncode == EXIT_OK
+    (folder / "text-only.yaml").unlink()  # sunrise-timelapse leaves the folder
+
+    kept = json.loads(cli("retire", "--requests", str(folder), "--json").stdout)  # default: 90 days after storing
+    dry = cli("retire", "--requests", str(folder), "--after", "0d", "--dry-run")
+    done = json.loads(cli("retire", "--requests", str(folder), "--after", "0d", "--json").stdout)
+    again = json.loads(cli("retire", "--requests", str(folder), "--after", "0d", "--json").stdout)
+
+    assert (kept["retired"], kept["partitions"], list(kept["kept"].values())) == (0, [], [1])
+    assert dry.returncode == EXIT_OK and dry.stdout.startswith("Would retire 1 partition(s) of briefs gone from")
+    assert re.search(r"^sunrise-timelapse +2\S+ \S+ +s3://\S+/videos/sunrise-timelapse/", dry.stdout, re.MULTILINE)
+    assert (done["retired"], [p["brief_id"] for p in done["partitions"]]) == (1, ["sunrise-timelapse"])
+    assert (again["retired"], again["partitions"]) == (0, [])  # dry run retired nothing; the real one did it all
+
+
+def test_retire_refuses_a_period_it_cannot_read_in_one_line(cli, emulator):
+    done = cli("retire", "--after", "three months")
+
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].endswith(
+        "argument --after: must be a number of days, as 90d (got 'three months')"
+    )
+
+
 def test_the_emulator_command_passes_every_option_on_to_the_emulator():
     assert parse_args(["emulator", "--port", "8787", "--media-port", "8788", "--seed=-1", "-h"]).emulator_args == [
         "--port",

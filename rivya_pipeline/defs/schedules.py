@@ -57,14 +57,14 @@ def brief_version(brief: Brief) -> str:
     return f"{brief.id}:{brief.content_hash[:16]}"
 
 
-def add_brief_partitions(instance: DagsterInstance, brief_ids: list[str]) -> int:
-    """Add a partition for each brief that has none yet, in batches (idempotent: a repeated call adds nothing);
-    how many partitions there are now."""
+def add_brief_partitions(instance: DagsterInstance, brief_ids: list[str]) -> tuple[int, int]:
+    """Add a partition for each brief that has none (new, retired and back, or deleted in the UI), in batches
+    (idempotent: a repeated call adds nothing); how many were added, and how many partitions there are now."""
     existing = set(instance.get_dynamic_partitions(BRIEF_PARTITIONS))
     new_keys = [brief_id for brief_id in brief_ids if brief_id not in existing]
     for chunk in chunks(new_keys, PARTITION_BATCH):
         instance.add_dynamic_partitions(BRIEF_PARTITIONS, chunk)
-    return len(existing) + len(new_keys)
+    return len(new_keys), len(existing) + len(new_keys)
 
 
 def ceiling_warning(partitions: int, ceiling: int) -> str | None:
@@ -73,8 +73,8 @@ def ceiling_warning(partitions: int, ceiling: int) -> str | None:
         return None
     return (
         f"{partitions} briefs partitions, {partitions / ceiling:.0%} of RIVYA_PARTITION_CEILING={ceiling} (Dagster "
-        "advises at most 100,000 per asset: past it the UI's partition views slow down). Start new campaigns in a "
-        "deployment of their own (another DAGSTER_HOME) before the ceiling."
+        "advises at most 100,000 per asset: past it the UI's partition views slow down). Retire the partitions of "
+        "briefs gone from the folder (`rivya-pipeline retire`), or start new campaigns in a deployment of their own."
     )
 
 
@@ -177,11 +177,14 @@ def build_discovery_schedule(cron: str) -> ScheduleDefinition:
             utc_now(),
             timedelta(seconds=briefs.relaunch_first_seconds),
         )
-        if not fresh and not again:
-            return SkipReason(f"{len(found)} brief(s), none new or changed; {len(errors)} invalid")
-        partitions = add_brief_partitions(context.instance, [b.id for b in fresh])
+        # Every brief of the folder has a partition, launched or not: a retired brief that is back gets its partition
+        # (and its history) again, and its version, bought already, is not launched.
+        added, partitions = add_brief_partitions(context.instance, [b.id for b in found])
         if warning := ceiling_warning(partitions, briefs.partition_ceiling):
             context.log.warning(warning)
+        if not fresh and not again:
+            restored = f"; {added} partition(s) added back" if added else ""
+            return SkipReason(f"{len(found)} brief(s), none new or changed; {len(errors)} invalid{restored}")
         tick_time = context.scheduled_execution_time or utc_now()
         batch = f"discovery-{tick_time:%Y%m%dT%H%M%S}"
         requests = [

@@ -132,6 +132,15 @@ class TaskTracker(LedgerPart):
     def latest_for_brief(self, brief_id: str) -> TaskRecord | None:
         return self._one(tasks.c.brief_id == brief_id, newest_first=True)
 
+    def tasks_of_briefs(self, brief_ids: Sequence[str]) -> dict[str, list[TaskRecord]]:
+        """Every task of these briefs (those that have any), by brief: a read per KEYS_PER_STATEMENT briefs, through
+        the index on (brief_id, submitted_at)."""
+        found: dict[str, list[TaskRecord]] = {}
+        for chunk in chunks(brief_ids, KEYS_PER_STATEMENT):
+            for record in self._many(select(tasks).where(tasks.c.brief_id.in_(chunk))):
+                found.setdefault(record.brief_id, []).append(record)
+        return found
+
     def count_by_status(self) -> dict[str, int]:
         with self._db.read() as conn:
             rows = conn.execute(select(tasks.c.status, func.count()).group_by(tasks.c.status))
