@@ -189,4 +189,5 @@ def test_growth_seeds_each_size_whole_and_times_each_operation_at_both(report):
         assert figure["ratio"] == round(figure[big] / figure[small], 2), name
     # A real video's pictures and checks: tens of KB, the lone run more than the batch's share.
     assert 5 < growth["event_log_kb_per_video_batch"] < growth["event_log_kb_per_video_lone_run"] < 200
+    assert 5 < growth["event_log_kb_lone_run_video_record"] < growth["event_log_kb_per_video_lone_run"]
     assert 0 < growth["ledger_kb_per_video"][big] < 10

@@ -443,8 +443,10 @@ def test_retire_refuses_a_period_it_cannot_read_in_one_line(cli, emulator):
     done = cli("retire", "--after", "three months")
 
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].endswith(
-        "argument --after: must be a number of days, as 90d (got 'three months')"
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .endswith("argument --after: must be a number of days, as 90d (got 'three months')")
     )
 
 

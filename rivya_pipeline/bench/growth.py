@@ -80,8 +80,17 @@ def new_home(root: Path) -> Path:
     return home
 
 
-def event_bytes(instance: DagsterInstance, run_id: str) -> int:
-    return sum(len(serialize_value(entry)) for entry in instance.all_logs(run_id))
+# What a stored video itself puts in the event log; every other event of a run is Dagster's bookkeeping of the run,
+# its step and its outputs (in a run of the asset: a planned event and a step output per check as well).
+RECORD_EVENTS = frozenset({DagsterEventType.ASSET_MATERIALIZATION, DagsterEventType.ASSET_CHECK_EVALUATION})
+
+
+def event_bytes(instance: DagsterInstance, run_id: str, only: frozenset[DagsterEventType] | None = None) -> int:
+    return sum(
+        len(serialize_value(entry))
+        for entry in instance.all_logs(run_id)
+        if only is None or (entry.dagster_event is not None and entry.dagster_event.event_type in only)
+    )
 
 
 def store_for_real(stack: BenchStack, root: Path) -> tuple[Template, dict[str, float]]:
@@ -118,9 +127,15 @@ def store_for_real(stack: BenchStack, root: Path) -> tuple[Template, dict[str, f
     lone_run_id = child("store_again", env, str(materialization.partition), task_id)["run_id"]
     with open_instance(home) as instance:
         lone_kb = event_bytes(instance, lone_run_id) / 1024
+        lone_record_kb = event_bytes(instance, lone_run_id, RECORD_EVENTS) / 1024
     if len(checks) != 7:
         raise RuntimeError(f"the real store has {len(checks)} check evaluations for one video, not 7")
-    figures = {"event_log_kb_per_video_batch": round(batch_kb, 1), "event_log_kb_per_video_lone_run": round(lone_kb, 1)}
+    figures = {
+        "event_log_kb_per_video_batch": round(batch_kb, 1),
+        "event_log_kb_per_video_lone_run": round(lone_kb, 1),
+        # the floor beside it: the materialization and the seven evaluations alone, the rest being Dagster's
+        "event_log_kb_lone_run_video_record": round(lone_record_kb, 1),
+    }
     return Template(dict(materialization.metadata), checks), figures
 
 
@@ -257,7 +272,10 @@ def run(stack: BenchStack, quick: bool, sizes: Sequence[int] | None = None) -> B
         f"child process; the folder alone at {folder_only}",
         figures=figures,
         goals=goals,
-        bounds="discovery with nothing new: listing and stat-ing every file of the folder "
+        bounds="the lone run's event log: Dagster's bookkeeping of a run of an asset with seven checks (a planned "
+        "event and a step output per check, the run's and the step's events) beside the video's own record "
+        "(event_log_kb_lone_run_video_record: its materialization and seven evaluations); "
+        "discovery with nothing new: listing and stat-ing every file of the folder "
         "(discovery_floor_folder_stat, O(files) without a change feed from the file system); run: reading and "
         "validating the whole folder (ids are unique across it) and a partition per brief",
     )
