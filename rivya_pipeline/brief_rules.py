@@ -11,6 +11,7 @@ import dataclasses
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ class Brief:
     regenerate: int
     request: GenerationRequest
 
-    @property
+    @cached_property  # a brief is frozen; discovery asks for the version of each brief of the folder every tick
     def content_hash(self) -> str:
         """What was asked, not how it was written: the request's idempotency key.
 

@@ -8,6 +8,7 @@ is the folder: its files, their YAML, ids unique across them, and lookups by id.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from .settings import REQUESTS_PATH_ENV
 
 __all__ = ["Brief", "BriefError", "BriefErrors", "BriefNotFound", "load_brief_by_id", "load_briefs", "scan_briefs"]
 
-BRIEF_PATTERNS = ("*.yaml", "*.yml")
+BRIEF_SUFFIXES = (".yaml", ".yml")
 
 
 class BriefNotFound(BriefError, KeyError):
@@ -142,7 +143,22 @@ _readings: dict[Path, dict[Path, _FileReading]] = {}
 
 
 def _brief_files(folder: Path) -> list[Path]:
-    return sorted({path for pattern in BRIEF_PATTERNS for path in folder.rglob(pattern) if path.is_file()})
+    """The brief files under `folder`, sorted, as `rglob('*.yaml')` and `rglob('*.yml')` find them (symlinked
+    folders not entered, unreadable ones skipped), in one walk: the entries' types need no stat of each file."""
+    found: list[Path] = []
+    pending = [os.fspath(folder)]
+    while pending:
+        try:
+            entries = os.scandir(pending.pop())
+        except PermissionError:
+            continue
+        with entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                elif entry.name.endswith(BRIEF_SUFFIXES) and entry.is_file():
+                    found.append(Path(entry.path))
+    return sorted(found)
 
 
 def _read_folder(folder: Path, model_specs: Mapping[str, ModelInfo] | None) -> tuple[list[Brief], list[BriefError]]:

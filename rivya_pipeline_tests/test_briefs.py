@@ -417,3 +417,28 @@ def test_requests_path_comes_from_the_environment(tmp_path: Path) -> None:
     assert (default.parent / "pyproject.toml").is_file()
 
     assert Settings.from_env({"RIVYA_REQUESTS_PATH": str(tmp_path)}).requests_path == tmp_path.resolve()
+
+
+def test_the_folder_walk_finds_the_files_rglob_finds(tmp_path):
+    """One walk of the folder stands in for two rglob passes: nested folders, both suffixes, a folder named like a
+    brief, other files, a symlinked folder (not entered, as rglob does not) and a symlinked brief file (found)."""
+    from rivya_pipeline.briefs import _brief_files
+
+    for name in ("a.yaml", "b.yml", "notes.txt", "x.YAML", "deep/er/c.yaml", "deep/d.yml", "other/e.yaml"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("id: x\n")
+    (tmp_path / "folder.yaml").mkdir()
+    (tmp_path / "linked").symlink_to(tmp_path / "other", target_is_directory=True)
+    (tmp_path / "link.yaml").symlink_to(tmp_path / "a.yaml")
+
+    found = _brief_files(tmp_path)
+
+    assert found == sorted({p for pattern in ("*.yaml", "*.yml") for p in tmp_path.rglob(pattern) if p.is_file()})
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == [
+        "a.yaml",
+        "b.yml",
+        "deep/d.yml",
+        "deep/er/c.yaml",
+        "link.yaml",
+        "other/e.yaml",
+    ]
