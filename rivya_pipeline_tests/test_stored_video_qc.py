@@ -13,6 +13,7 @@ from dagster._serdes import serialize_value
 from PIL import Image
 
 from rivya_pipeline.definitions import ASSETS, build_resources
+from rivya_pipeline.defs import video_qc
 from rivya_pipeline.defs.assets import stored_video
 from rivya_pipeline.emulator import FaultRule
 from rivya_pipeline.emulator.config import VideoFault, video_fault_marker
@@ -109,6 +110,30 @@ def test_each_qc_check_fails_on_its_bad_clip_and_the_video_stays_stored(
     for name in (AUDIO_MATCHES, NOT_BLACK, NOT_FROZEN):
         assert_recorded_with_thresholds(checks[name], QcThresholds())
     assert_stored(pipeline, s3_bucket, result, brief_id)
+
+
+def test_the_qc_listing_names_each_briefs_latest_failures_only_whatever_the_history_holds(
+    pipeline, emulator, monkeypatch
+):
+    """`run` and `report` list the failed checks of each brief's latest video: a failure that a later video of the
+    brief passed is not listed, and the failed executions are read a page at a time (a page of one here)."""
+    monkeypatch.setattr(video_qc, "HISTORY_PAGE", 1)
+    store_brief(pipeline, "qc-frozen", f"Surf at dawn. {video_fault_marker('frozen')}")
+    # Its not_frozen failure is newer than qc-frozen's: finding qc-frozen's takes a second page.
+    store_brief(pipeline, "qc-mended", f"Surf at dawn. {video_fault_marker('black')}")
+    store_brief(pipeline, "qc-silent", f"Surf at dawn. {video_fault_marker('silent')}")
+    store_brief(pipeline, "qc-mended", "Surf at dawn, the clip good this time.")  # a new video of the brief
+
+    listed = video_qc.qc_failures(pipeline.instance, ["qc-mended", "qc-frozen", "qc-silent"])
+    everyone = video_qc.qc_failures(pipeline.instance)
+    one = video_qc.qc_failures(pipeline.instance, ["qc-silent"])
+
+    assert [(f.brief_id, f.check, f.severity) for f in listed] == [
+        ("qc-frozen", NOT_FROZEN, "WARN"),
+        ("qc-silent", AUDIO_MATCHES, "ERROR"),
+    ]
+    assert listed[0].measured.startswith("longest frozen stretch") and listed[1].measured.startswith("silent")
+    assert everyone == listed and one == listed[1:]
 
 
 def test_audio_matches_fails_without_the_sound_asked_for_and_passes_without_sound_when_none_was(

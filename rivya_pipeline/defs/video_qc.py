@@ -12,7 +12,7 @@ bucket and never expire; a presigned link would expire within 7 days and stay in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +25,11 @@ from dagster import (
     DagsterInstance,
     MetadataValue,
 )
-from dagster._core.event_api import PartitionKeyFilter  # the partition filter of check-history reads
+from dagster._core.storage.asset_check_execution_record import (  # not in dagster's public API
+    AssetCheckExecutionRecord,
+    AssetCheckExecutionRecordStatus,
+)
+from dagster._core.storage.event_log.base import EventLogStorage
 
 from ..batching import chunks
 from ..delivery import Delivery
@@ -99,6 +103,8 @@ def _markdown(title: str, picture: Picture, stored: StoredObject) -> str:
 
 
 PARTITIONS_PER_READ = 5000  # partition keys bound in one read of the checks' executions
+HISTORY_PAGE = 1000  # failed executions of a check read at a time
+FAILED = AssetCheckExecutionRecordStatus.FAILED
 
 
 @dataclass(frozen=True)
@@ -117,7 +123,8 @@ def qc_failures(instance: DagsterInstance, brief_ids: Sequence[str] | None = Non
     evaluations in the instance's event log: the record the UI shows, so the CLI can never disagree with it.
 
     Indexed reads that follow the briefs in question, not the history: the latest execution of each check per
-    partition (of `brief_ids` only), then each failed one's evaluation; no run's log is read."""
+    partition (of `brief_ids` only), then the failed ones' evaluations, a read per check and HISTORY_PAGE failures;
+    no run's log is read."""
     names = [*STORED_VIDEO_CHECK_DESCRIPTIONS, *QC_CHECKS]
     storage = instance.event_log_storage
     keys = [AssetCheckKey(STORED_VIDEO, name) for name in names]
@@ -130,22 +137,38 @@ def qc_failures(instance: DagsterInstance, brief_ids: Sequence[str] | None = Non
             for chunk in chunks(ids, PARTITIONS_PER_READ)
             for info in storage.get_asset_check_partition_info(keys, partition_keys=chunk)
         ]
-    failures = []
+    failing: dict[AssetCheckKey, set[str]] = {}
     for info in infos:
-        # compared by value: the status enum is not exported by dagster's public API
-        status = info.latest_execution_status
-        if status is None or status.value != "FAILED" or info.partition_key is None:
-            continue
-        (latest,) = storage.get_asset_check_execution_history(
-            info.check_key, limit=1, partition_filter=PartitionKeyFilter(key=info.partition_key)
-        )
-        event = latest.event.dagster_event if latest.event else None
-        evaluation = event.event_specific_data if event else None
-        if isinstance(evaluation, AssetCheckEvaluation):
-            failures.append(
-                QcFailure(info.partition_key, info.check_key.name, evaluation.severity.value, _measured(evaluation))
-            )
+        if info.latest_execution_status == FAILED and info.partition_key is not None:
+            failing.setdefault(info.check_key, set()).add(info.partition_key)
+    failures = []
+    for check_key, partitions in failing.items():
+        for record in _latest_failures(storage, check_key, partitions):
+            event = record.event.dagster_event if record.event else None
+            evaluation = event.event_specific_data if event else None
+            if isinstance(evaluation, AssetCheckEvaluation) and record.partition is not None:
+                failures.append(
+                    QcFailure(record.partition, check_key.name, evaluation.severity.value, _measured(evaluation))
+                )
     return sorted(failures, key=lambda f: (f.brief_id, names.index(f.check)))
+
+
+def _latest_failures(
+    storage: EventLogStorage, check_key: AssetCheckKey, partitions: set[str]
+) -> Iterator[AssetCheckExecutionRecord]:
+    """The newest failed execution of the check in each of `partitions` (whose latest execution failed, so it is that
+    one): the check's failed executions newest first, a page per read, until each partition has its own. A read per
+    HISTORY_PAGE failures instead of one per failure."""
+    wanted, cursor = set(partitions), None
+    while wanted:
+        page = storage.get_asset_check_execution_history(check_key, limit=HISTORY_PAGE, cursor=cursor, status={FAILED})
+        for record in page:
+            if record.partition in wanted:
+                wanted.discard(record.partition)
+                yield record
+        if len(page) < HISTORY_PAGE:
+            return
+        cursor = page[-1].id
 
 
 def _measured(evaluation: AssetCheckEvaluation) -> str:
