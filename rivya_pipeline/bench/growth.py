@@ -190,6 +190,7 @@ def measure_size(stack: BenchStack, root: Path, count: int, template: Template) 
     shutil.rmtree(folder / "new")  # `run` below meets the all-stored folder
     figures |= child("lookups", env, brief_ids(count)[count // 2 // 5 * 5])
     figures |= child("run", env, "--requests", str(folder))
+    figures |= child("validation", env)
     figures |= child("report", env)
     seed_sensor_work(stack, ledger_url)
     figures |= child("sensor", env)
@@ -277,5 +278,7 @@ def run(stack: BenchStack, quick: bool, sizes: Sequence[int] | None = None) -> B
         "(event_log_kb_lone_run_video_record: its materialization and seven evaluations); "
         "discovery with nothing new: listing and stat-ing every file of the folder "
         "(discovery_floor_folder_stat, O(files) without a change feed from the file system); run: reading and "
-        "validating the whole folder (ids are unique across it) and a partition per brief",
+        "validating the whole folder in a fresh process before anything is spent (run_floor_validation: ids are "
+        "unique across it) and the QC verdict of each brief's video (Dagster's latest check execution per "
+        "partition)",
     )

@@ -23,7 +23,7 @@ from dagster import SkipReason, build_schedule_context, build_sensor_context
 from dagster_graphql.test.utils import execute_dagster_graphql
 
 from .. import cli
-from ..briefs import scan_briefs
+from ..briefs import load_briefs, scan_briefs
 from ..definitions import build_definitions, build_resources
 from ..defs.assets import stored_video
 from ..defs.inputs import TASK_TAG
@@ -168,6 +168,12 @@ def folder_only(settings: Settings, figures: dict[str, Any]) -> None:
     figures["briefs"] = [len(found), len(again)]
 
 
+def validation(settings: Settings, figures: dict[str, Any]) -> None:
+    """`run`'s floor: a fresh process validating every brief of the folder, as `run` must before it spends."""
+    with measured(figures, "run_floor_validation"):
+        load_briefs(settings.requests_path)
+
+
 def settings_home() -> str:
     return os.environ["DAGSTER_HOME"]
 
@@ -178,6 +184,7 @@ OPERATIONS: dict[str, Callable[..., None]] = {
     "sensor": sensor,
     "partition_status": partition_status,
     "folder": folder_only,
+    "validation": validation,
     "store_again": store_again,
 }
 
